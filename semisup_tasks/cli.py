@@ -1,0 +1,117 @@
+"""The ``semisup`` command (also ``python -m semisup_tasks``): imports, stages, report.
+
+Every stage prints logs to stderr and writes its small JSON result document to ``--result-file``
+(or stdout when absent); the Airflow stage operator reads that document and pushes it to XCom.
+A mistake a user can fix exits with status 2 and one sentence on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+from .store import DEFAULT_STORE, Store, StoreError
+
+USER_ERROR = 2
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"store root URI (default {DEFAULT_STORE})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semisup", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-imagefolder", help="import a labeled ImageFolder tree as a dataset version")
+    _store_arg(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--root", required=True, help="local folder or s3:// prefix with one subfolder per class")
+    p.add_argument("--version", default=None, help="dataset version (default: the next vN)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("import-drop", help="import every image under a folder as one unlabeled drop")
+    _store_arg(p)
+    p.add_argument("--drop-id", required=True)
+    p.add_argument("--source", required=True, help="local folder or s3:// prefix")
+
+    p = sub.add_parser("demo-data", help="build the MNIST demo dataset and drops (no download)")
+    _store_arg(p)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what the Airflow operator calls)")
+    p.add_argument("name", help="stage name, e.g. train-teacher, score, select")
+    _store_arg(p)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--params-json", default="{}", help="pipeline params as a JSON object")
+    p.add_argument("--shards", nargs="*", default=None, help="shard keys (score stage)")
+    p.add_argument("--result-file", default=None)
+
+    p = sub.add_parser("run", help="run the whole pipeline in this process, without Airflow")
+    _store_arg(p)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--params-json", default="{}")
+
+    p = sub.add_parser("report", help="print a run's report")
+    _store_arg(p)
+    p.add_argument("--run", default="latest", help="run id, or 'latest'")
+    p.add_argument("--format", choices=["json", "table"], default="table")
+    return parser
+
+
+def _emit(result: dict, result_file: str | None) -> None:
+    text = json.dumps(result, sort_keys=True)
+    if result_file:
+        Path(result_file).write_text(text)
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    try:
+        store = Store.from_uri(args.store)
+        store.check()
+        if args.command == "import-imagefolder":
+            from .datasets import import_imagefolder
+
+            _emit(import_imagefolder(store, args.name, args.root, version=args.version,
+                                     val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                     seed=args.seed), None)
+        elif args.command == "import-drop":
+            from .datasets import import_drop
+
+            _emit(import_drop(store, args.drop_id, args.source), None)
+        elif args.command == "demo-data":
+            from .demo import build_demo
+
+            _emit(build_demo(store, seed=args.seed), None)
+        elif args.command == "stage":
+            from .stages import run_stage
+
+            params = json.loads(args.params_json)
+            _emit(run_stage(args.name, store, args.run_id, params, shards=args.shards), args.result_file)
+        elif args.command == "run":
+            from .stages import run_pipeline
+
+            _emit(run_pipeline(store, args.run_id, json.loads(args.params_json)), None)
+        elif args.command == "report":
+            from .report import load_metrics, render_table
+
+            metrics = load_metrics(store, args.run)
+            print(json.dumps(metrics, indent=2, sort_keys=True) if args.format == "json" else render_table(metrics))
+    except (ConfigError, StoreError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"semisup: error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

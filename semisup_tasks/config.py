@@ -1,0 +1,113 @@
+"""Pipeline parameters: one typed dataclass, unknown keys rejected, saved next to every run.
+
+The Airflow DAG builds its ``Param`` form from :func:`param_specs`, so the UI form, the REST
+conf, the CLI and the stages all validate against the same definitions. Importing this module
+must stay cheap (no torch): DAG files import it at parse time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A parameter a user can fix."""
+
+
+ARCHITECTURES = ("cnn_small", "cnn_medium", "cnn_large", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
+
+
+def _p(default: Any, description: str, section: str, **schema: Any) -> Any:
+    meta = {"description": description, "section": section, "schema": schema}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    # data
+    dataset: str = _p("mnist-demo", "Labeled dataset name in the store.", "Data", type="string", minLength=1)
+    dataset_version: str = _p("latest", "Dataset version, or 'latest'.", "Data", type="string", minLength=1)
+    drops: list = _p([], "Unlabeled drop ids to use; empty means every committed drop.", "Data",
+                     type="array", items={"type": "string"})
+    oracle: bool = _p(True, "Also train the oracle (student on the pool's true labels) when the store "
+                            "has them (the demo does).", "Data", type="boolean")
+    # models
+    teacher_arch: str = _p("cnn_large", "Teacher architecture.", "Models", type="string", enum=list(ARCHITECTURES))
+    student_arch: str = _p("cnn_small", "Student architecture (also used for the baseline and the oracle).",
+                           "Models", type="string", enum=list(ARCHITECTURES))
+    # selection
+    k: int = _p(250, "Images kept per class (top-K).", "Selection", type="integer", minimum=1)
+    p: int = _p(3, "Classes kept per image (top-P); must not exceed the number of classes.", "Selection",
+                type="integer", minimum=1)
+    shards_per_task: int = _p(1, "Drop shards scored by one mapped task.", "Selection", type="integer", minimum=1)
+    # training
+    teacher_epochs: int = _p(30, "Teacher epochs on the labeled train split.", "Training", type="integer", minimum=1)
+    pretrain_epochs: int = _p(12, "Student pre-training epochs on the selected set.", "Training",
+                              type="integer", minimum=1)
+    finetune_epochs: int = _p(30, "Fine-tuning epochs on the labeled set (the baseline uses the same).",
+                              "Training", type="integer", minimum=1)
+    finetune_lr: float = _p(0.01, "Peak learning rate for fine-tuning (and the baseline).", "Training",
+                            type="number", exclusiveMinimum=0)
+    lr: float = _p(0.05, "Peak learning rate for teacher and student pre-training.", "Training",
+                   type="number", exclusiveMinimum=0)
+    optimizer: str = _p("sgd", "Optimizer.", "Training", type="string", enum=["sgd", "adamw"])
+    weight_decay: float = _p(5e-4, "Weight decay.", "Training", type="number", minimum=0)
+    batch_size: int = _p(64, "Batch size.", "Training", type="integer", minimum=1)
+    warmup_epochs: float = _p(1.0, "Linear warm-up before the cosine schedule, in epochs.", "Training",
+                              type="number", minimum=0)
+    augment: str = _p("affine", "Augmentation: none, affine (shift/scale/rotate), or affine+flip for "
+                                "natural images.", "Training", type="string", enum=["none", "affine", "affine+flip"])
+    balanced_sampling: bool = _p(False, "Sample labeled classes equally often.", "Training", type="boolean")
+    seed: int = _p(0, "Seed for every random choice; the same seed gives the same numbers on CPU.", "Training",
+                   type="integer", minimum=0)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PipelineParams:
+        data = dict(data or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"Unknown parameter(s) {', '.join(unknown)}; known ones are {', '.join(known)}.")
+        values = {}
+        for name, value in data.items():
+            values[name] = _check(name, value, known[name].metadata["schema"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(name: str, value: Any, schema: dict[str, Any]) -> Any:
+    kind = schema["type"]
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind == "number" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    python = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list}[kind]
+    if not isinstance(value, python) or (kind in ("integer", "number") and isinstance(value, bool)):
+        raise ConfigError(f"Parameter {name} must be a {kind}, got {value!r}.")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ConfigError(f"Parameter {name} must be one of {', '.join(schema['enum'])}, got {value!r}.")
+    if "minimum" in schema and value < schema["minimum"]:
+        raise ConfigError(f"Parameter {name} must be at least {schema['minimum']}, got {value!r}.")
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        raise ConfigError(f"Parameter {name} must be greater than {schema['exclusiveMinimum']}, got {value!r}.")
+    if schema.get("minLength") and len(value) < schema["minLength"]:
+        raise ConfigError(f"Parameter {name} must not be empty.")
+    if kind == "array" and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"Parameter {name} must be a list of strings, got {value!r}.")
+    return value
+
+
+def param_specs() -> dict[str, dict[str, Any]]:
+    """Per parameter: default, JSON schema, description and form section (for Airflow ``Param``)."""
+    specs = {}
+    for f in dataclasses.fields(PipelineParams):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        specs[f.name] = {"default": default, "description": f.metadata["description"],
+                         "section": f.metadata["section"], "schema": dict(f.metadata["schema"])}
+    return specs

@@ -1,0 +1,234 @@
+"""One object store, addressed by a root URI: ``file://`` (embedded default) or ``s3://``.
+
+Every stage reads and writes through :class:`Store` with keys relative to the root
+(``runs/<run_id>/score/part-00000.parquet``), so the same code serves a local folder and any
+S3-compatible server. S3 endpoint and credentials come from the standard AWS environment
+variables or profiles (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), never from arguments.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DEFAULT_STORE = "file://./.semisup/store"
+SUCCESS = "_SUCCESS.json"
+
+
+class StoreError(Exception):
+    """A store problem a user can fix (bad URI, missing object, unreachable server)."""
+
+
+def clean_key(key: str) -> str:
+    """Normalise a key and refuse one that could escape the root."""
+    raw = unquote(key).replace("\\", "/")
+    if raw.startswith("/") or any(part == ".." for part in raw.split("/")):
+        raise StoreError(f"Store key {key!r} escapes the store root; use a relative key without '..'.")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if not parts:
+        raise StoreError(f"Store key {key!r} is empty.")
+    return "/".join(parts)
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*[p.strip("/") for p in parts if p])
+
+
+def run_prefix(run_id: str) -> str:
+    """``runs/<run id>``; Airflow run ids carry ':' and '+', so keep keys portable across file systems and S3 tools."""
+    if not run_id or set(run_id) <= {"."}:
+        raise StoreError(f"Run id {run_id!r} is not valid; use a non-empty name.")
+    return join("runs", re.sub(r"[^A-Za-z0-9._-]", "_", run_id))
+
+
+class Store(ABC):
+    """Bytes in, bytes out, plus the JSON and Parquet helpers every stage uses."""
+
+    uri: str
+
+    @staticmethod
+    def from_uri(uri: str) -> Store:
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            # file://./rel and file:///abs both work; netloc carries the first part of a relative path
+            path = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+            return FileStore(Path(path or "."))
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise StoreError(f"Store URI {uri!r} has no bucket; write it as s3://bucket/prefix.")
+            return S3Store(parsed.netloc, parsed.path.strip("/"))
+        if parsed.scheme == "":
+            return FileStore(Path(uri))
+        raise StoreError(f"Store URI {uri!r} is not supported; use file://PATH or s3://BUCKET/PREFIX.")
+
+    # -- primitives ---------------------------------------------------------------------------
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write one object whole: readers see the old object or the new one, never a part."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursively), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def url(self, key: str) -> str:
+        """The full URI of a key, for reports and for tools outside semisup."""
+
+    def check(self) -> None:
+        """Fail early, with one sentence, when the store cannot be reached."""
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self.delete(key)
+
+    # -- documents ----------------------------------------------------------------------------
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)), columns=columns)
+
+    def write_table(self, key: str, table: pa.Table) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(key, sink.getvalue())
+
+
+class FileStore(Store):
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.uri = "file://" + str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / clean_key(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(key)} does not exist.") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # temp file + rename: a crash leaves the old object or none, never half of one
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = [
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".tmp")
+        ]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def url(self, key: str) -> str:
+        return self.uri + "/" + clean_key(key)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        # botocore's standard retry mode backs off on throttling (503 SlowDown), 5xx and resets
+        config = Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=120)
+        self._client = boto3.client("s3", config=config)
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, clean_key(key)) if self.prefix else clean_key(key)
+
+    def _fail(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"Could not {what} ({exc.__class__.__name__}: {exc}); check the store URI, "
+                          "AWS_ENDPOINT_URL and the AWS credentials.")
+
+    def check(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # botocore raises many unrelated types here
+            raise self._fail(f"reach bucket {self.bucket!r}", exc) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise StoreError(f"{self.url(key)} does not exist.") from None
+            raise self._fail(f"read {self.url(key)}", exc) from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # a single PUT is atomic on S3: readers see the old object or the new one
+        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail(f"check {self.url(key)}", exc) from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def url(self, key: str) -> str:
+        return f"{self.uri}/{clean_key(key)}"
