@@ -1,0 +1,496 @@
+"""Labeled datasets and unlabeled drops in the store: import, manifests, loading.
+
+Layout (DESIGN.md section 3)::
+
+    datasets/<name>/<version>/shards/<split>-NNNNN.parquet    image shards (label = class index)
+    datasets/<name>/<version>/_SUCCESS.json                   manifest, written last
+    drops/<drop_id>/shards/part-NNNNN.parquet                  image shards (label always null)
+    drops/<drop_id>/_SUCCESS.json                              manifest, written last
+    truth/drops/<drop_id>.parquet                              true labels of a drop, when known (demo)
+
+Consumers read only what a committed manifest lists, so a crash mid-import leaves nothing a stage
+would use; the next import of the same version or drop clears that debris first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .config import ConfigError
+from .images import DEFAULT_SHARD_SIZE, IMAGE_SUFFIXES, ShardInfo, decode_table, probe, write_shards
+from .store import SUCCESS, FileStore, Store, join
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TRUTH_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32())])
+DISTRACTOR = -1  # truth label of a wild image that belongs to no class
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_VERSION_RE = re.compile(r"v(\d+)")
+# S3 reads are latency-bound, so a few in flight keep the import from waiting on each round trip
+_READ_WORKERS = 8
+_READ_AHEAD = 64
+_MAX_SKIP_WARNINGS = 20
+
+
+# -- names and keys ---------------------------------------------------------------------------
+def _check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise ConfigError(f"The {what} {value!r} is not valid; use letters, digits, '.', '_' and '-' only.")
+    return value
+
+
+def dataset_prefix(name: str, version: str) -> str:
+    return join("datasets", name, version)
+
+
+def drop_prefix(drop_id: str) -> str:
+    return join("drops", drop_id)
+
+
+def truth_key(drop_id: str) -> str:
+    return join("truth", "drops", f"{drop_id}.parquet")
+
+
+def drop_image_id(drop_id: str, relative_path: str) -> str:
+    """Drop image ids carry the drop id, so they stay unique when several drops are pooled."""
+    return f"{drop_id}/{relative_path}"
+
+
+def _version_order(version: str) -> tuple[int, int, str]:
+    # vN versions compare by number (v10 after v9) and rank above free-form names
+    m = _VERSION_RE.fullmatch(version)
+    return (1, int(m.group(1)), "") if m else (0, 0, version)
+
+
+def dataset_versions(store: Store, name: str) -> list[str]:
+    """Committed versions of a dataset (those with a manifest), oldest first."""
+    prefix = join("datasets", _check_name("dataset name", name))
+    found = set()
+    for key in store.list(prefix):
+        parts = key[len(prefix) + 1 :].split("/")
+        if len(parts) == 2 and parts[1] == SUCCESS:
+            found.add(parts[0])
+    return sorted(found, key=_version_order)
+
+
+def _next_version(committed: Sequence[str]) -> str:
+    numbers = [int(m.group(1)) for v in committed if (m := _VERSION_RE.fullmatch(v))]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+# -- reading a source tree (local folder or s3:// prefix) -------------------------------------
+def _open_source(root: str) -> Store:
+    src = Store.from_uri(root)
+    if isinstance(src, FileStore) and not src.root.is_dir():
+        raise ConfigError(f"Folder {root} does not exist; pass an existing local folder or an s3://bucket/prefix.")
+    src.check()  # an unreachable bucket fails here with one sentence, not deep inside a listing
+    return src
+
+
+def _source_images(src: Store) -> list[str]:
+    """Image keys under the source, sorted; hidden files and folders (.DS_Store, ._x.png) are ignored."""
+    return [
+        key
+        for key in src.list()
+        if key.lower().endswith(IMAGE_SUFFIXES) and not any(p.startswith(".") for p in key.split("/"))
+    ]
+
+
+def _read_many(src: Store, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    """(key, bytes) in key order, None for an object that cannot be read; a bounded read-ahead."""
+
+    def read(key: str) -> bytes | None:
+        try:
+            return src.read_bytes(key)
+        except OSError:  # a local file we may not open counts as an unreadable image
+            return None
+
+    with ThreadPoolExecutor(_READ_WORKERS) as pool:
+        pending: deque[tuple[str, Future[bytes | None]]] = deque()
+        it = iter(keys)
+        for key in it:
+            pending.append((key, pool.submit(read, key)))
+            if len(pending) >= _READ_AHEAD:
+                break
+        while pending:
+            key, future = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(read, nxt)))
+            yield key, future.result()
+
+
+class _Skips:
+    """Counts unreadable images, warning about the first few by name."""
+
+    def __init__(self, src: Store):
+        self.src = src
+        self.count = 0
+
+    def add(self, key: str, reason: str) -> None:
+        self.count += 1
+        if self.count <= _MAX_SKIP_WARNINGS:
+            logger.warning("Skipping %s: %s", self.src.url(key), reason)
+        elif self.count == _MAX_SKIP_WARNINGS + 1:
+            logger.warning("More unreadable images; only their total is reported")
+
+
+def _readable(
+    src: Store, keys: Sequence[str], skips: _Skips
+) -> Iterator[tuple[str, bytes, tuple[int, int, int]]]:
+    """(key, bytes, (channels, height, width)) of every readable image; the others are counted."""
+    for key, data in _read_many(src, keys):
+        if data is None:
+            skips.add(key, "cannot be read")
+            continue
+        try:
+            shape = probe(data)
+        except ValueError as exc:
+            skips.add(key, str(exc))
+            continue
+        yield key, data, shape
+
+
+# -- datasets ---------------------------------------------------------------------------------
+def _counted(
+    rows: Iterable[tuple[str, bytes, int]], num_classes: int, counts: list[int], seen: set[str]
+) -> Iterator[tuple[str, bytes, int]]:
+    for image_id, data, label in rows:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"Label {label} of {image_id} is outside 0..{num_classes - 1}.")
+        if image_id in seen:
+            raise ValueError(f"Image id {image_id} appears twice in the dataset.")
+        seen.add(image_id)
+        counts[label] += 1
+        yield image_id, data, int(label)
+
+
+def write_dataset(
+    store: Store,
+    name: str,
+    version: str,
+    classes: Sequence[str],
+    channels: int,
+    image_size: Sequence[int],
+    splits: Mapping[str, Iterable[tuple[str, bytes, int]]],
+    source: str,
+    *,
+    skipped: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write one dataset version: shards per split, then the manifest last.
+
+    ``splits`` maps train/val/test to (image_id, encoded bytes, label) rows; a missing split is
+    written as empty. Rows may be a generator, so an import never holds every image in memory.
+    """
+    _check_name("dataset name", name)
+    _check_name("dataset version", version)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"Unknown split(s) {', '.join(unknown)}; a dataset has {', '.join(SPLITS)}.")
+    if channels not in (1, 3) or len(image_size) != 2 or min(image_size) < 1:
+        raise ConfigError(f"Dataset {name!r} needs channels 1 or 3 and a [height, width] image size.")
+    prefix = dataset_prefix(name, version)
+    if store.exists(join(prefix, SUCCESS)):
+        raise ConfigError(f"Dataset {name!r} version {version} already exists in {store.uri}; "
+                          "choose another version (or leave it out to get the next one).")
+    store.delete_prefix(prefix)  # debris of an earlier import that crashed before its manifest
+
+    seen: set[str] = set()
+    out = {}
+    for split in SPLITS:
+        counts = [0] * len(classes)
+        rows = _counted(splits.get(split, ()), len(classes), counts, seen)
+        shards = write_shards(store, join(prefix, "shards"), rows, shard_size, name=split)
+        out[split] = {"shards": [s.to_json() for s in shards], "count": sum(counts), "class_counts": counts}
+    manifest = {
+        "kind": "dataset",
+        "name": name,
+        "version": version,
+        "classes": [str(c) for c in classes],
+        "channels": int(channels),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "splits": out,
+        "skipped": int(skipped),
+        "source": source,
+        **dict(extra or {}),
+    }
+    store.write_json(join(prefix, SUCCESS), manifest)
+    logger.info("Wrote dataset %s %s: %s", name, version,
+                ", ".join(f"{s} {out[s]['count']}" for s in SPLITS))
+    return manifest
+
+
+def _layout(root: str, keys: Sequence[str]) -> tuple[list[str], list[tuple[str, int, str | None]]]:
+    """Classes and (key, class index, split or None when the split is to be drawn) per image."""
+    top = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
+    split_dirs = [d for d in top if d in SPLITS]
+    fix = "use one subfolder of images per class, optionally inside train/ val/ test/ folders"
+    if split_dirs:
+        others = [d for d in top if d not in SPLITS]
+        if others:
+            raise ConfigError(f"Folder {root} mixes split folders ({', '.join(split_dirs)}) with other "
+                              f"folders ({', '.join(others[:5])}); {fix}.")
+        if "train" not in split_dirs:
+            raise ConfigError(f"Folder {root} has {', '.join(split_dirs)}/ but no train/ folder; "
+                              "add train/<class>/ with the training images.")
+    placed: list[tuple[str, str, str | None]] = []
+    loose = 0
+    for key in keys:
+        parts = key.split("/")
+        split = parts.pop(0) if split_dirs and len(parts) > 1 else None
+        if len(parts) < 2:  # an image directly in the root (or in train/) has no class folder
+            loose += 1
+            continue
+        placed.append((key, parts[0], split))  # nested folders inside a class belong to it
+    if not placed:
+        where = f"{root}/train" if split_dirs else root
+        raise ConfigError(f"Folder {where} has no class subfolders with images; {fix}.")
+    if loose:
+        logger.warning("Ignoring %d image(s) of %s that are not inside a class folder", loose, root)
+    classes = sorted({cls for _, cls, _ in placed})
+    index = {cls: i for i, cls in enumerate(classes)}
+    return classes, [(key, index[cls], split) for key, cls, split in placed]
+
+
+def _draw_splits(
+    per_class: Sequence[Sequence[str]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[tuple[str, int]]]:
+    """Stratified split: within each class a seeded permutation, at least one image kept for training."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for label, keys in enumerate(per_class):
+        n = len(keys)
+        n_test = int(n * test_fraction + 0.5)
+        n_val = int(n * val_fraction + 0.5)
+        excess = max(0, n_test + n_val - (n - 1))
+        n_val -= min(excess, n_val)
+        n_test = min(n_test, n - 1 - n_val)
+        order = [keys[i] for i in rng.permutation(n)]
+        out["test"] += [(k, label) for k in order[:n_test]]
+        out["val"] += [(k, label) for k in order[n_test : n_test + n_val]]
+        out["train"] += [(k, label) for k in order[n_test + n_val :]]
+    return out
+
+
+def import_imagefolder(
+    store: Store,
+    name: str,
+    root: str,
+    version: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
+    """Import an ImageFolder tree (local folder or s3:// prefix) as a new dataset version.
+
+    Two passes over the source: the first checks every image and finds the common size, the
+    second streams the bytes into shards, so memory stays bounded by a shard, not the dataset.
+    """
+    _check_name("dataset name", name)
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
+                          "and sum to less than 1.")
+    committed = dataset_versions(store, name)
+    if version is None:
+        version = _next_version(committed)
+    elif _check_name("dataset version", version) in committed:
+        raise ConfigError(f"Dataset {name!r} version {version} already exists in {store.uri}; "
+                          "choose another --version or leave it out to get the next one.")
+
+    src = _open_source(root)
+    keys = _source_images(src)
+    if not keys:
+        raise ConfigError(f"Folder {root} has no .png/.jpg/.jpeg images; point --root at a folder with one "
+                          "subfolder of images per class.")
+    classes, entries = _layout(root, keys)
+    place = {key: (label, split) for key, label, split in entries}
+
+    # pass 1: which images are readable, their sizes and channels
+    skips = _Skips(src)
+    sizes: Counter[tuple[int, int]] = Counter()
+    gray = True
+    readable: dict[tuple[str | None, int], list[str]] = {}
+    for key, _, (ch, h, w) in _readable(src, [k for k, _, _ in entries], skips):
+        sizes[(h, w)] += 1
+        gray = gray and ch == 1
+        label, split = place[key]
+        readable.setdefault((split, label), []).append(key)
+
+    folder_splits = entries[0][2] is not None
+    for split, label in sorted({(s, lbl) for _, lbl, s in entries}, key=str):
+        if not readable.get((split, label)):
+            folder = "/".join(p for p in (root.rstrip("/"), split, classes[label]) if p)
+            raise ConfigError(f"Class folder {folder} has no readable image; add images to it or remove it.")
+    if folder_splits:
+        for label, cls in enumerate(classes):
+            if not readable.get(("train", label)):
+                raise ConfigError(f"Class {cls!r} has no folder {root.rstrip('/')}/train/{cls}; add training "
+                                  "images for it or remove its other folders.")
+        assigned = {s: [(k, lbl) for (sp, lbl), ks in readable.items() if sp == s for k in ks]
+                    for s in SPLITS}
+        split_info: dict[str, Any] = {"method": "folders"}
+    else:
+        per_class = [sorted(readable[(None, label)]) for label in range(len(classes))]
+        assigned = _draw_splits(per_class, val_fraction, test_fraction, seed)
+        split_info = {"method": "stratified", "seed": seed, "val_fraction": val_fraction,
+                      "test_fraction": test_fraction}
+
+    # the most common size wins; ties go to the smaller size so the choice is deterministic
+    (height, width), _ = min(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+    channels = 1 if gray else 3
+    odd = sum(sizes.values()) - sizes[(height, width)]
+    if odd:
+        logger.info("%d image(s) are not %dx%d; they are resized when read", odd, height, width)
+
+    def rows(items: list[tuple[str, int]]) -> Iterator[tuple[str, bytes, int]]:
+        labels = dict(items)
+        for key, data in _read_many(src, sorted(labels)):
+            if data is None:
+                raise ConfigError(f"{src.url(key)} became unreadable during the import; run it again.")
+            yield key, data, labels[key]
+
+    return write_dataset(
+        store, name, version, classes, channels, (height, width),
+        {s: rows(assigned[s]) for s in SPLITS}, source=root, skipped=skips.count, extra={"split": split_info},
+    )
+
+
+def load_dataset_manifest(store: Store, name: str, version: str = "latest") -> dict:
+    _check_name("dataset name", name)
+    committed = dataset_versions(store, name)
+    wanted = committed[-1] if version == "latest" and committed else version
+    if wanted not in committed:
+        have = f" (it has {', '.join(committed)})" if committed else ""
+        raise ConfigError(
+            f"Dataset {name!r} (version {version}) is not in the store {store.uri}{have}; import it with "
+            f"`semisup import-imagefolder --store {store.uri} --name {name} --root FOLDER` "
+            "(or build the MNIST demo with `semisup demo-data`)."
+        )
+    return store.read_json(join(dataset_prefix(name, wanted), SUCCESS))
+
+
+def load_split(store: Store, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (uint8 NxCxHxW), labels (int64) and image ids of one split, in shard order."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ConfigError(f"Dataset {manifest['name']!r} {manifest['version']} has no split {split!r}; "
+                          f"use one of {', '.join(splits)}.")
+    channels = int(manifest["channels"])
+    size = (int(manifest["image_size"][0]), int(manifest["image_size"][1]))
+    images, labels, ids = [], [], []
+    for shard in splits[split]["shards"]:
+        table = store.read_table(shard["key"])
+        images.append(decode_table(table, channels, size))
+        labels.append(table.column("label").to_numpy().astype(np.int64))
+        ids.extend(table.column("image_id").to_pylist())
+    if not images:
+        return np.empty((0, channels, *size), dtype=np.uint8), np.empty(0, dtype=np.int64), []
+    return np.concatenate(images), np.concatenate(labels), ids
+
+
+# -- drops ------------------------------------------------------------------------------------
+def _commit_drop(store: Store, drop_id: str, shards: list[ShardInfo], skipped: int, source: str) -> dict:
+    manifest = {
+        "kind": "drop",
+        "drop_id": drop_id,
+        "shards": [s.to_json() for s in shards],
+        "count": sum(s.count for s in shards),
+        "skipped": int(skipped),
+        "source": source,
+    }
+    store.write_json(join(drop_prefix(drop_id), SUCCESS), manifest)
+    logger.info("Wrote drop %s: %d images in %d shard(s)", drop_id, manifest["count"], len(shards))
+    return manifest
+
+
+def _write_drop_shards(
+    store: Store, drop_id: str, rows: Iterable[tuple[str, bytes]], shard_size: int
+) -> list[ShardInfo]:
+    prefix = drop_prefix(drop_id)
+    if store.exists(join(prefix, SUCCESS)):
+        raise ConfigError(f"Drop {drop_id!r} already exists in {store.uri}; "
+                          "import the new images under another drop id.")
+    store.delete_prefix(prefix)  # debris of an earlier import that crashed before its manifest
+    # rows carry no label at all: a drop is unlabeled by construction, true labels live in truth/
+    labeled = ((drop_image_id(drop_id, rel), data, None) for rel, data in rows)
+    return write_shards(store, join(prefix, "shards"), labeled, shard_size)
+
+
+def write_drop(
+    store: Store,
+    drop_id: str,
+    rows: Iterable[tuple[str, bytes]],
+    source: str,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    skipped: int = 0,
+) -> dict:
+    """Write one drop from (relative path, encoded bytes) rows: shards, then the manifest last."""
+    _check_name("drop id", drop_id)
+    shards = _write_drop_shards(store, drop_id, rows, shard_size)
+    if not shards:
+        raise ConfigError(f"Drop {drop_id!r} from {source} has no images.")
+    return _commit_drop(store, drop_id, shards, skipped, source)
+
+
+def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
+    """Import every image under a folder or s3:// prefix as one unlabeled drop (idempotent)."""
+    _check_name("drop id", drop_id)
+    if store.exists(join(drop_prefix(drop_id), SUCCESS)):
+        logger.info("Drop %s is already imported; nothing to do", drop_id)
+        return load_drop_manifest(store, drop_id)
+    src = _open_source(source)
+    keys = _source_images(src)
+    if not keys:
+        raise ConfigError(f"Folder {source} has no .png/.jpg/.jpeg images; point --source at the folder "
+                          "(or s3:// prefix) that holds the drop's images.")
+    skips = _Skips(src)
+    rows = ((key, data) for key, data, _ in _readable(src, keys, skips))
+    shards = _write_drop_shards(store, drop_id, rows, shard_size)
+    if not shards:
+        raise ConfigError(f"None of the {len(keys)} images under {source} is readable; check that they are "
+                          "PNG or JPEG files.")
+    return _commit_drop(store, drop_id, shards, skips.count, source)
+
+
+def list_drops(store: Store) -> list[str]:
+    """Ids of the committed drops, sorted."""
+    keys = store.list("drops")
+    return sorted(k.split("/")[1] for k in keys if k.count("/") == 2 and k.endswith("/" + SUCCESS))
+
+
+def load_drop_manifest(store: Store, drop_id: str) -> dict:
+    _check_name("drop id", drop_id)
+    key = join(drop_prefix(drop_id), SUCCESS)
+    if not store.exists(key):
+        raise ConfigError(f"Drop {drop_id!r} is not in the store {store.uri}; import it with "
+                          f"`semisup import-drop --store {store.uri} --drop-id {drop_id} --source FOLDER`.")
+    return store.read_json(key)
+
+
+def write_truth(store: Store, drop_id: str, image_ids: Sequence[str], labels: Sequence[int]) -> None:
+    """True labels of a drop's images (DISTRACTOR for none), kept apart from the unlabeled shards."""
+    _check_name("drop id", drop_id)
+    table = pa.table({"image_id": list(image_ids), "label": [int(v) for v in labels]}, schema=TRUTH_SCHEMA)
+    store.write_table(truth_key(drop_id), table)
+
+
+def load_truth(store: Store, drop_ids: Iterable[str]) -> pa.Table | None:
+    """True labels of the given drops that have them, concatenated; None when none has."""
+    tables = []
+    for drop_id in drop_ids:
+        key = truth_key(_check_name("drop id", drop_id))
+        if store.exists(key):
+            tables.append(store.read_table(key).select(["image_id", "label"]).cast(TRUTH_SCHEMA))
+    return pa.concat_tables(tables) if tables else None
