@@ -1,0 +1,395 @@
+"""The pipeline's stages: each reads its inputs from the store, writes under
+``runs/<run_id>/<stage>/`` and returns a small JSON document.
+
+A stage writes its manifest (``_SUCCESS.json``: effective params, code version, result) last.
+Rerunning a stage whose manifest matches the same params returns the recorded result without
+redoing the work, so Airflow retries and re-runs are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import datasets
+from .config import ConfigError, PipelineParams
+from .store import SUCCESS, Store, join, run_prefix
+
+log = logging.getLogger("semisup.stages")
+
+MODEL_STAGES = {  # stage name -> model name in the run and in metrics.json
+    "train-teacher": "teacher",
+    "train-baseline": "baseline",
+    "pretrain-student": "student_pretrained",
+    "finetune-student": "student",
+    "train-oracle": "oracle",
+}
+
+
+def code_version() -> str:
+    try:
+        return version("semisup")
+    except PackageNotFoundError:
+        return "dev"
+
+
+class RunContext:
+    """What every stage of one run shares: the store, the run prefix, the params, the plan."""
+
+    def __init__(self, store: Store, run_id: str, params: PipelineParams):
+        self.store, self.run_id, self.params = store, run_id, params
+        self.prefix = run_prefix(run_id)
+
+    def key(self, *parts: str) -> str:
+        return join(self.prefix, *parts)
+
+    def plan(self) -> dict:
+        key = self.key("plan", SUCCESS)
+        if not self.store.exists(key):
+            raise ConfigError(f"Run {self.run_id!r} has no plan in {self.store.uri}; run the plan stage first.")
+        return self.store.read_json(key)["result"]
+
+    def dataset(self) -> dict:
+        plan = self.plan()
+        return datasets.load_dataset_manifest(self.store, plan["dataset"], plan["dataset_version"])
+
+    def manifest_matches(self, stage_dir: str, fingerprint: dict) -> dict | None:
+        key = self.key(stage_dir, SUCCESS)
+        if self.store.exists(key):
+            manifest = self.store.read_json(key)
+            if manifest.get("fingerprint") == fingerprint:
+                return manifest["result"]
+        return None
+
+    def commit(self, stage_dir: str, fingerprint: dict, result: dict, started: float) -> dict:
+        self.store.write_json(self.key(stage_dir, SUCCESS), {
+            "stage": stage_dir, "run_id": self.run_id, "fingerprint": fingerprint, "result": result,
+            "code_version": code_version(), "seconds": round(time.time() - started, 3),
+            "finished_at": datetime.now(UTC).isoformat(),
+        })
+        return result
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _recipe(params: PipelineParams, stage: str):
+    from .train import Recipe
+
+    finetune = stage in ("train-baseline", "finetune-student", "oracle-finetune")
+    labeled = stage in ("train-teacher", "train-baseline", "finetune-student", "oracle-finetune")
+    epochs = {"train-teacher": params.teacher_epochs, "pretrain-student": params.pretrain_epochs,
+              "oracle-pretrain": params.pretrain_epochs}.get(stage, params.finetune_epochs)
+    offset = {"train-teacher": 1, "train-baseline": 2, "pretrain-student": 3, "finetune-student": 4,
+              "oracle-pretrain": 5, "oracle-finetune": 6}[stage]
+    return Recipe(epochs=epochs, lr=params.finetune_lr if finetune else params.lr, batch_size=params.batch_size,
+                  optimizer=params.optimizer, weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
+                  augment=params.augment, balanced_sampling=params.balanced_sampling and labeled,
+                  seed=params.seed * 100 + offset)
+
+
+def _new_model(arch: str, ds: dict, recipe):
+    """A freshly initialised model; seeded first so the same seed gives the same weights."""
+    import torch
+
+    from .models import build_model
+
+    torch.manual_seed(recipe.seed)
+    return build_model(arch, ds["channels"], len(ds["classes"]), tuple(ds["image_size"]))
+
+
+def _save_model(ctx: RunContext, name: str, model, arch: str, ds: dict, train_summary: dict) -> dict:
+    from .evaluate import classification_metrics, tail_classes
+    from .models import checkpoint_bytes
+    from .train import predict
+
+    size = tuple(ds["image_size"])
+    key = ctx.key(name, "model.pt")
+    ctx.store.write_bytes(key, checkpoint_bytes(model, arch, ds["channels"], len(ds["classes"]), size,
+                                                extra={"run_id": ctx.run_id, "train": train_summary}))
+    val_x, val_y, _ = datasets.load_split(ctx.store, ds, "val")
+    val_top1 = None
+    if len(val_y):
+        tail = tail_classes(ds["splits"]["train"]["class_counts"])
+        val_top1 = classification_metrics(predict(model, val_x), val_y, tail)["top1"]
+    return {"model": ctx.store.url(key), "model_key": key, "arch": arch, "val_top1": val_top1,
+            "train": train_summary}
+
+
+def _load_model(ctx: RunContext, name: str):
+    from .models import load_checkpoint
+
+    key = ctx.key(name, "model.pt")
+    if not ctx.store.exists(key):
+        raise ConfigError(f"Run {ctx.run_id!r} has no {name} model yet; run its stage first.")
+    return load_checkpoint(ctx.store.read_bytes(key))[0]
+
+
+def _gather_images(store: Store, rows: pa.Table, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Decode the images named by (image_id, shard) rows, in row order (duplicates allowed)."""
+    from .images import decode
+
+    out = np.empty((rows.num_rows, channels, size[0], size[1]), dtype=np.uint8)
+    ids = rows.column("image_id").to_pylist()
+    shards = rows.column("shard").to_pylist()
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(shards):
+        by_shard.setdefault(shard, []).append(i)
+    for shard, positions in sorted(by_shard.items()):
+        table = store.read_table(shard, columns=["image_id", "image"])
+        index = {image_id: j for j, image_id in enumerate(table.column("image_id").to_pylist())}
+        images = table.column("image")
+        for i in positions:
+            out[i] = decode(images[index[ids[i]]].as_py(), channels, size)
+    return out
+
+
+def _pool_rows(ctx: RunContext) -> pa.Table:
+    """(image_id, shard) of every image in the run's drops, from the shards themselves."""
+    tables = []
+    for group in ctx.plan()["shard_groups"]:
+        for shard in group:
+            ids = ctx.store.read_table(shard, columns=["image_id"]).column("image_id")
+            tables.append(pa.table({"image_id": ids, "shard": pa.array([shard] * len(ids), pa.string())}))
+    return pa.concat_tables(tables)
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+def plan(ctx: RunContext) -> dict:
+    p = ctx.params
+    ds = datasets.load_dataset_manifest(ctx.store, p.dataset, p.dataset_version)
+    num_classes = len(ds["classes"])
+    if p.p > num_classes:
+        raise ConfigError(f"Parameter p={p.p} exceeds the {num_classes} classes of dataset {p.dataset!r}; "
+                          f"use p between 1 and {num_classes}.")
+    drop_ids = list(p.drops) or datasets.list_drops(ctx.store)
+    if not drop_ids:
+        raise ConfigError(f"The store {ctx.store.uri} has no unlabeled drop; add one with `semisup import-drop`.")
+    shards = [s["key"] for d in drop_ids for s in datasets.load_drop_manifest(ctx.store, d)["shards"]]
+    groups = [shards[i:i + p.shards_per_task] for i in range(0, len(shards), p.shards_per_task)]
+    truth = datasets.load_truth(ctx.store, drop_ids)
+    images = sum(datasets.load_drop_manifest(ctx.store, d)["count"] for d in drop_ids)
+    return {"dataset": ds["name"], "dataset_version": ds["version"], "drops": drop_ids, "shard_groups": groups,
+            "images": images, "oracle": bool(p.oracle and truth is not None)}
+
+
+def train_labeled(ctx: RunContext, stage: str) -> dict:
+    """Teacher and baseline: trained from scratch on the labeled train split."""
+    from .train import train
+
+    ds = ctx.dataset()
+    arch = ctx.params.teacher_arch if stage == "train-teacher" else ctx.params.student_arch
+    x, y, _ = datasets.load_split(ctx.store, ds, "train")
+    recipe = _recipe(ctx.params, stage)
+    model = _new_model(arch, ds, recipe)
+    summary = train(model, x, y, recipe, name=MODEL_STAGES[stage])
+    return _save_model(ctx, MODEL_STAGES[stage], model, arch, ds, summary)
+
+
+def score(ctx: RunContext, shards: list[str]) -> dict:
+    from .score import score_shard
+
+    if not shards:
+        raise ConfigError("The score stage needs --shards with at least one shard key.")
+    ds = ctx.dataset()
+    teacher = _load_model(ctx, "teacher")
+    outputs, images, rows = [], 0, 0
+    for shard in shards:
+        out_key = _score_key(ctx, shard)
+        table = ctx.store.read_table(shard, columns=["image_id", "image"])
+        scores = score_shard(teacher, table, shard, ctx.params.p, ds["channels"], tuple(ds["image_size"]))
+        ctx.store.write_table(out_key, scores)  # one whole object per shard: never partial
+        outputs.append(ctx.store.url(out_key))
+        images += table.num_rows
+        rows += scores.num_rows
+        log.info("scored %s: %d images", shard, table.num_rows)
+    return {"outputs": outputs, "images": images, "rows": rows}
+
+
+def _score_key(ctx: RunContext, shard: str) -> str:
+    return ctx.key("score", shard.replace("/", "__"))
+
+
+def select_stage(ctx: RunContext) -> dict:
+    from .select import select, selection_stats
+
+    plan_ = ctx.plan()
+    keys = [_score_key(ctx, s) for g in plan_["shard_groups"] for s in g]
+    missing = [k for k in keys if not ctx.store.exists(k)]
+    if missing:
+        raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
+                          "rerun the score tasks before select.")
+    num_classes = len(ctx.dataset()["classes"])
+    selection, counts = select((ctx.store.read_table(k) for k in keys), ctx.params.k)
+    stats = selection_stats(selection, num_classes, ctx.params.k)
+    stats.update(p=ctx.params.p, rows_scored=counts["rows_scored"], images_scored=counts["rows_scored"] // ctx.params.p)
+    ctx.store.write_table(ctx.key("select", "selection.parquet"), selection)
+    ctx.store.write_json(ctx.key("select", "stats.json"), stats)
+    short = sum(1 for s in stats["shortfall"] if s)
+    log.info("selected %d pairs (%d images); %d classes short of K", stats["selected_pairs"],
+             stats["unique_images"], short)
+    return {"selection": ctx.store.url(ctx.key("select", "selection.parquet")),
+            "selected_pairs": stats["selected_pairs"], "unique_images": stats["unique_images"],
+            "classes_short": short}
+
+
+def pretrain_student(ctx: RunContext) -> dict:
+    from .train import train
+
+    ds = ctx.dataset()
+    key = ctx.key("select", "selection.parquet")
+    if not ctx.store.exists(ctx.key("select", SUCCESS)):
+        raise ConfigError(f"Run {ctx.run_id!r} has no selection yet; run the select stage first.")
+    selection = ctx.store.read_table(key)
+    if selection.num_rows == 0:
+        raise ConfigError("The selection is empty: the teacher selected no image; check the drops and K.")
+    x = _gather_images(ctx.store, selection, ds["channels"], tuple(ds["image_size"]))
+    y = selection.column("cls").to_numpy().astype(np.int64)
+    arch = ctx.params.student_arch
+    recipe = _recipe(ctx.params, "pretrain-student")
+    model = _new_model(arch, ds, recipe)
+    summary = train(model, x, y, recipe, name="student_pretrained")
+    return _save_model(ctx, "student_pretrained", model, arch, ds, summary)
+
+
+def finetune_student(ctx: RunContext) -> dict:
+    from .train import train
+
+    ds = ctx.dataset()
+    model = _load_model(ctx, "student_pretrained")
+    x, y, _ = datasets.load_split(ctx.store, ds, "train")
+    summary = train(model, x, y, _recipe(ctx.params, "finetune-student"), name="student")
+    return _save_model(ctx, "student", model, ctx.params.student_arch, ds, summary)
+
+
+def train_oracle(ctx: RunContext) -> dict:
+    """The ceiling: the student recipe with the pool's true labels instead of pseudo-labels."""
+    from .train import train
+
+    plan_ = ctx.plan()
+    if not plan_["oracle"]:
+        return {"skipped": True, "reason": "no ground truth for the drops, or oracle=false"}
+    ds = ctx.dataset()
+    truth = datasets.load_truth(ctx.store, plan_["drops"])
+    pool = _pool_rows(ctx).join(truth.select(["image_id", "label"]), "image_id", join_type="inner")
+    pool = pool.filter(pc.greater_equal(pool.column("label"), 0)).sort_by("image_id")  # drop distractors
+    x = _gather_images(ctx.store, pool, ds["channels"], tuple(ds["image_size"]))
+    y = pool.column("label").to_numpy().astype(np.int64)
+    arch = ctx.params.student_arch
+    recipe = _recipe(ctx.params, "oracle-pretrain")
+    model = _new_model(arch, ds, recipe)
+    pre = train(model, x, y, recipe, name="oracle_pretrain")
+    lx, ly, _ = datasets.load_split(ctx.store, ds, "train")
+    fine = train(model, lx, ly, _recipe(ctx.params, "oracle-finetune"), name="oracle")
+    return _save_model(ctx, "oracle", model, arch, ds, {"pretrain": pre, "finetune": fine})
+
+
+def evaluate_stage(ctx: RunContext) -> dict:
+    from .evaluate import classification_metrics, tail_classes
+    from .models import load_checkpoint
+    from .report import write_report
+    from .train import predict
+
+    plan_ = ctx.plan()
+    ds = ctx.dataset()
+    train_counts = ds["splits"]["train"]["class_counts"]
+    tail = tail_classes(train_counts)
+    test_x, test_y, _ = datasets.load_split(ctx.store, ds, "test")
+    val_x, val_y, _ = datasets.load_split(ctx.store, ds, "val")
+    models = {}
+    for name in MODEL_STAGES.values():
+        key = ctx.key(name, "model.pt")
+        if not ctx.store.exists(key):
+            continue
+        model, ckpt = load_checkpoint(ctx.store.read_bytes(key))
+        metrics = classification_metrics(predict(model, test_x), test_y, tail)
+        metrics["val_top1"] = (classification_metrics(predict(model, val_x), val_y, tail)["top1"]
+                               if len(val_y) else None)
+        metrics["arch"] = ckpt["arch"]
+        models[name] = metrics
+    selection_stats = ctx.store.read_json(ctx.key("select", "stats.json"))
+    selection_stats.update(_pseudo_label_quality(ctx, plan_, len(ds["classes"])))
+    metrics = {
+        "run_id": ctx.run_id,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "dataset": {"name": ds["name"], "version": ds["version"], "classes": ds["classes"],
+                    "train_class_counts": train_counts, "tail_classes": tail},
+        "drops": plan_["drops"],
+        "models": models,
+        "selection": selection_stats,
+        "params": ctx.params.to_dict(),
+    }
+    files = write_report(ctx.store, ctx.run_id, metrics)
+    summary = {name: {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "tail_recall")}
+               for name, m in models.items()}
+    return {"metrics": files.get("metrics.json"), "report": files.get("report.html"), "summary": summary}
+
+
+def _pseudo_label_quality(ctx: RunContext, plan_: dict, num_classes: int) -> dict:
+    truth = datasets.load_truth(ctx.store, plan_["drops"])
+    if truth is None:
+        return {"pseudo_label_precision": None, "per_class_precision": None, "distractors_selected": None}
+    sel = ctx.store.read_table(ctx.key("select", "selection.parquet"), columns=["image_id", "cls"])
+    joined = sel.join(truth.select(["image_id", "label"]), "image_id", join_type="inner")
+    cls = joined.column("cls").to_numpy()
+    correct = cls == joined.column("label").to_numpy()
+    per_class = [float(correct[cls == c].mean()) if (cls == c).any() else None for c in range(num_classes)]
+    return {"pseudo_label_precision": float(correct.mean()) if len(cls) else None,
+            "per_class_precision": per_class,
+            "distractors_selected": int((joined.column("label").to_numpy() < 0).sum())}
+
+
+STAGES: dict[str, Callable[..., dict]] = {
+    "plan": plan,
+    "train-teacher": lambda ctx: train_labeled(ctx, "train-teacher"),
+    "train-baseline": lambda ctx: train_labeled(ctx, "train-baseline"),
+    "train-oracle": train_oracle,
+    "score": score,
+    "select": select_stage,
+    "pretrain-student": pretrain_student,
+    "finetune-student": finetune_student,
+    "evaluate": evaluate_stage,
+}
+STAGE_DIRS = {"plan": "plan", "select": "select", "evaluate": "evaluate", **MODEL_STAGES}
+
+
+def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[str] | None = None) -> dict:
+    """Run one stage, or return its recorded result when it already ran with the same params."""
+    if name not in STAGES:
+        raise ConfigError(f"Unknown stage {name!r}; stages are {', '.join(STAGES)}.")
+    pp = PipelineParams.from_dict(params)
+    ctx = RunContext(store, run_id, pp)
+    started = time.time()
+    if name == "score":
+        # each score file is one atomic object; a rerun skips shards already scored
+        todo = [s for s in shards or [] if not store.exists(_score_key(ctx, s))]
+        result = score(ctx, todo) if todo else {"outputs": [], "images": 0, "rows": 0}
+        result["skipped_shards"] = len(shards or []) - len(todo)
+        return result
+    stage_dir = STAGE_DIRS[name]
+    fingerprint = {"params": pp.to_dict(), "code_version": code_version()}
+    done = ctx.manifest_matches(stage_dir, fingerprint)
+    if done is not None:
+        log.info("%s already done for run %s with these params; skipping", name, run_id)
+        return done
+    log.info("running %s for run %s", name, run_id)
+    return ctx.commit(stage_dir, fingerprint, STAGES[name](ctx), started)
+
+
+def run_pipeline(store: Store, run_id: str, params: dict) -> dict:
+    """Every stage in order, in this process: the same work the Airflow DAG does, without Airflow."""
+    results = {"plan": run_stage("plan", store, run_id, params)}
+    for name in ("train-teacher", "train-baseline", "train-oracle"):
+        results[name] = run_stage(name, store, run_id, params)
+    results["score"] = [run_stage("score", store, run_id, params, shards=g)
+                        for g in results["plan"]["shard_groups"]]
+    for name in ("select", "pretrain-student", "finetune-student", "evaluate"):
+        results[name] = run_stage(name, store, run_id, params)
+    return results["evaluate"]

@@ -1,0 +1,122 @@
+"""One training loop for every model of a run: teacher, baseline, student pre-training,
+fine-tuning and the oracle. SGD (Nesterov) or AdamW, linear warm-up then cosine decay,
+per-sample random affine augmentation, optional class-balanced sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("semisup.train")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    augment: str = "affine"
+    balanced_sampling: bool = False
+    seed: int = 0
+    momentum: float = 0.9
+
+
+def prepare(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 NxCxHxW to the normalised float input every model sees."""
+    return (batch.float() / 255.0 - 0.5) / 0.25
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random shift (±10%), scale (0.9–1.1) and rotation (±10°) per sample; optional horizontal flip."""
+    if kind == "none":
+        return x
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
+    scale = 0.9 + torch.rand(n, generator=gen) * 0.2
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.2
+    flip = torch.ones(n)
+    if kind == "affine+flip":
+        flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # background is the minimum of the normalised range, i.e. black
+    return F.grid_sample(x - x.amin(), grid, align_corners=False, padding_mode="zeros") + x.amin()
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def epoch_order(labels: torch.Tensor, balanced: bool, gen: torch.Generator) -> torch.Tensor:
+    """One epoch of sample indices: a permutation, or a class-balanced draw with replacement."""
+    n = len(labels)
+    if not balanced:
+        return torch.randperm(n, generator=gen)
+    counts = torch.bincount(labels).float()
+    return torch.multinomial((1.0 / counts)[labels], n, replacement=True, generator=gen)
+
+
+def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: Recipe, name: str = "model") -> dict:
+    """Train in place on uint8 NxCxHxW images with int labels; returns a small training summary."""
+    if len(images) == 0:
+        raise ValueError(f"{name}: no training images")
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    x_all = torch.from_numpy(np.ascontiguousarray(images))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    n = len(y_all)
+    steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
+    total = steps_per_epoch * recipe.epochs
+    if recipe.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
+                              weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(total, int(recipe.warmup_epochs * steps_per_epoch)))
+    model.train()
+    losses = []
+    for epoch in range(recipe.epochs):
+        order = epoch_order(y_all, recipe.balanced_sampling, gen)
+        epoch_loss = 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+            if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples
+                continue
+            x = augment_batch(prepare(x_all[idx]), recipe.augment, gen)
+            loss = F.cross_entropy(model(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            epoch_loss += loss.item() * len(idx)
+        losses.append(epoch_loss / n)
+        log.info("%s epoch %d/%d loss %.4f", name, epoch + 1, recipe.epochs, losses[-1])
+    return {"epochs": recipe.epochs, "steps": total, "images": n, "final_loss": losses[-1]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits for uint8 NxCxHxW images, in eval mode."""
+    model.eval()
+    x_all = torch.as_tensor(images)
+    outs = [model(prepare(x_all[i:i + batch_size])) for i in range(0, len(x_all), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
