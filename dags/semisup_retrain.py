@@ -1,0 +1,69 @@
+"""
+### semisup_retrain — teacher/student semi-supervised retraining
+
+The pipeline of Yalniz et al., *Billion-scale semi-supervised learning for image
+classification* (2019), over the object store given by the `store` param:
+
+1. **plan** — resolve the labeled dataset version and the unlabeled drops; split the drop
+   shards into groups (`shards_per_task` shards each).
+2. **train_teacher** — train the teacher on the labeled set. In parallel **train_baseline**
+   (the student architecture on labeled data only) and **train_oracle** (the student on the
+   pool's true labels, when the store has them).
+3. **score** — one mapped task per shard group (labelled by its shard keys): the teacher keeps
+   each image's top-`p` classes and scores.
+4. **select** — per class, the `k` best-scored images (ties: score desc, image id asc).
+5. **pretrain_student** on the selected set, then **finetune_student** on the labeled set.
+6. **evaluate** — top-1/top-5, per-class and head/tail recall for teacher, baseline, student
+   and oracle; the *semisup report* link on this task opens the run's report.
+
+Each task runs `python -m semisup_tasks stage NAME` and passes only a small JSON result through
+XCom; the stages find each other's outputs under `runs/<run_id>/` in the store. A bad param or a
+missing dataset fails the task at once (no retries); other errors are retried.
+Trigger with the form, or `airflow dags trigger semisup_retrain -c '{"k": 100}'`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from airflow.sdk import DAG
+from semisup_operator import SHARDS_MAP_INDEX_TEMPLATE, SemisupStageOperator, shard_groups
+from semisup_params import pipeline_params
+
+SCORE_PARALLELISM = int(os.environ.get("SEMISUP_SCORE_PARALLELISM", "4"))
+
+with DAG(
+    dag_id="semisup_retrain",
+    description="Teacher/student semi-supervised retraining (Yalniz et al. 2019)",
+    schedule=None,
+    max_active_runs=1,
+    params=pipeline_params(),
+    tags=["semisup"],
+    doc_md=__doc__,
+    default_args={
+        "owner": "semisup",
+        "retries": 2,
+        "retry_delay": timedelta(seconds=15),
+        "execution_timeout": timedelta(hours=24),
+    },
+) as dag:
+    plan = SemisupStageOperator(task_id="plan", stage="plan")
+    teacher = SemisupStageOperator(task_id="train_teacher", stage="train-teacher")
+    baseline = SemisupStageOperator(task_id="train_baseline", stage="train-baseline")
+    oracle = SemisupStageOperator(task_id="train_oracle", stage="train-oracle")
+    # Airflow 3.3 cannot map over plan.output["shard_groups"] (custom XCom key), hence shard_groups.
+    score = SemisupStageOperator.partial(
+        task_id="score",
+        stage="score",
+        map_index_template=SHARDS_MAP_INDEX_TEMPLATE,
+        max_active_tis_per_dagrun=SCORE_PARALLELISM,
+    ).expand(shards=shard_groups(plan.output))
+    select = SemisupStageOperator(task_id="select", stage="select")
+    pretrain = SemisupStageOperator(task_id="pretrain_student", stage="pretrain-student")
+    finetune = SemisupStageOperator(task_id="finetune_student", stage="finetune-student")
+    evaluate = SemisupStageOperator(task_id="evaluate", stage="evaluate")
+
+    plan >> [teacher, baseline, oracle]
+    teacher >> score >> select >> pretrain >> finetune >> evaluate
+    [baseline, oracle] >> evaluate

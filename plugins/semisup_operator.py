@@ -1,0 +1,184 @@
+"""The Airflow operator that runs one semisup stage (``python -m semisup_tasks stage NAME``).
+
+A plain module on the ``plugins/`` folder (Airflow puts it on ``sys.path``); DAG files import it.
+Operators are not registered through ``AirflowPlugin`` in Airflow 3.
+
+Construction is cheap (no I/O, no torch). At run time the operator:
+
+1. takes the DAG run's params, removes ``store`` and validates the rest as
+   :class:`semisup_tasks.config.PipelineParams` (a bad value fails the task without retries);
+2. runs the stage through a runner (``local`` now; ``docker``/``kubernetes`` later), streaming
+   the stage's log lines into the task log;
+3. returns the stage's small JSON result (XCom ``return_value``).
+
+Exit status 2 from the stage (a user error: bad params, missing dataset) raises
+``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
+
+Note: Airflow 3.3 refuses to ``expand()`` over an XCom with a custom key ("cannot map over XCom
+with custom key"); map over :func:`shard_groups` instead, which returns the plan's
+``shard_groups`` as a task's return value.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from airflow.sdk import BaseOperator, BaseOperatorLink, task
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+
+def _ensure_semisup_tasks_importable() -> None:
+    """Fall back to the repository root (``plugins/..``) when semisup isn't installed."""
+    try:
+        import semisup_tasks.config  # noqa: F401
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parent.parent
+        if (root / "semisup_tasks").is_dir() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+
+
+_ensure_semisup_tasks_importable()
+
+from semisup_runners import (  # noqa: E402
+    StageFailed,
+    StageRequest,
+    StageRunner,
+    StageUserError,
+    check_runner,
+    get_runner,
+    resolve_store,
+)
+
+from semisup_tasks.config import ConfigError, PipelineParams  # noqa: E402
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.sdk.types import TaskInstanceKey
+
+STORE_PARAM = "store"
+REPORT_TASK_STAGE = "evaluate"
+#: Label mapped score tasks by their shard keys in the UI (pass to ``.partial(map_index_template=...)``).
+SHARDS_MAP_INDEX_TEMPLATE = "{{ task.shards | join(', ') if task.shards else '' }}"
+_STAGE_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+class SemisupReportLink(BaseOperatorLink):
+    """"semisup report": opens the run's report, served by the ``semisup`` plugin's view.
+
+    Airflow 3 computes links defined on an operator on the worker when the task finishes and
+    stores them in XCom; the API server only reads them back. The view looks up the report URI
+    the task pushed (XCom key ``report``) and serves the document from the store.
+    """
+
+    name = "semisup report"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from airflow.sdk import conf
+
+        base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+        return report_view_path(base, ti_key.dag_id, ti_key.run_id, ti_key.task_id)
+
+
+def report_view_path(base: str, dag_id: str, run_id: str, task_id: str) -> str:
+    q = lambda s: quote(s, safe="")  # noqa: E731
+    return f"{base}/semisup/dags/{q(dag_id)}/runs/{q(run_id)}/tasks/{q(task_id)}/report"
+
+
+class SemisupStageOperator(BaseOperator):
+    """Run one semisup pipeline stage and return its result document.
+
+    :param stage: stage name, e.g. ``plan``, ``train-teacher``, ``score``, ``evaluate``.
+    :param shards: shard keys for the ``score`` stage (mappable:
+        ``SemisupStageOperator.partial(...).expand(shards=...)``).
+    :param store: store root URI; defaults to the DAG run's ``store`` param. A relative
+        ``file://`` URI is made absolute against the worker's working directory.
+    :param runner: where the stage runs: ``local`` (a subprocess of the worker). ``docker``
+        and ``kubernetes`` are planned.
+    """
+
+    template_fields = ("shards", "store")
+    ui_color = "#e8f1fb"
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        shards: list[str] | None = None,
+        store: str | None = None,
+        runner: str = "local",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(stage, str) or not _STAGE_NAME.match(stage):
+            raise ValueError(f"Stage name {stage!r} is not valid; use a name like 'train-teacher'.")
+        check_runner(runner)
+        self.stage = stage
+        self.shards = shards
+        self.store = store
+        self.runner = runner
+        self._active_runner: StageRunner | None = None
+
+    @property
+    def operator_extra_links(self):  # type: ignore[override]
+        # Only the evaluate task has a report; mapped operators (score) have no `stage` here.
+        if getattr(self, "stage", None) == REPORT_TASK_STAGE:
+            return (SemisupReportLink(),)
+        return ()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def build_request(self, context: Context) -> StageRequest:
+        params = {key: context["params"][key] for key in context["params"]}
+        store = self.store or params.get(STORE_PARAM)
+        params.pop(STORE_PARAM, None)
+        if not store:
+            raise AirflowFailException(
+                f"No store for stage {self.stage}: set the DAG param '{STORE_PARAM}' "
+                "or the operator's store=."
+            )
+        try:
+            pipeline = PipelineParams.from_dict(params)
+        except ConfigError as exc:
+            raise AirflowFailException(f"Bad pipeline parameters: {exc}") from None
+        shards = None if self.shards is None else [str(s) for s in _as_list(self.shards)]
+        return StageRequest(stage=self.stage, store=resolve_store(str(store)), run_id=context["run_id"],
+                            params=pipeline.to_dict(), shards=shards)
+
+    # -- Airflow hooks -------------------------------------------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        request = self.build_request(context)
+        self.log.info("Stage %s, store %s, run %s, runner %s%s", request.stage, request.store,
+                      request.run_id, self.runner, f", shards {request.shards}" if request.shards else "")
+        self._active_runner = get_runner(self.runner)
+        try:
+            result = self._active_runner.run(request, self.log)
+        except StageUserError as exc:
+            raise AirflowFailException(f"Stage {self.stage} refused its input: {exc}") from None
+        except StageFailed as exc:
+            raise AirflowException(str(exc)) from None
+        finally:
+            self._active_runner = None
+        self.log.info("Stage %s result keys: %s", self.stage, ", ".join(sorted(result)))
+        return result
+
+    def on_kill(self) -> None:
+        if self._active_runner is not None:
+            self._active_runner.kill()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+@task(task_id="shard_groups")
+def shard_groups(plan_result: dict[str, Any]) -> list[list[str]]:
+    """The plan's shard groups as a task return value, so ``score`` can be mapped over it."""
+    groups = plan_result.get("shard_groups") if isinstance(plan_result, dict) else None
+    if not isinstance(groups, list):
+        raise AirflowFailException("The plan result has no 'shard_groups' list.")
+    return [list(group) if isinstance(group, (list, tuple)) else [group] for group in groups]

@@ -1,0 +1,50 @@
+"""Run one DAG with ``dag.test()`` in this (fresh) process and write what happened as JSON.
+
+Usage: python run_dag_script.py DAG_ID CONF_JSON OUT_JSON
+
+Expects the Airflow environment (AIRFLOW_HOME with a migrated DB, DAGS/PLUGINS folders) to be set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(dag_id: str, conf: str, out: str) -> int:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    if dag_id not in bag.dags:
+        raise SystemExit(f"{dag_id} not found; import errors: {bag.import_errors}")
+    dr = bag.dags[dag_id].test(run_conf=json.loads(conf))
+    with create_session() as session:
+        from airflow.models.taskinstance import TaskInstance
+        from sqlalchemy import select
+
+        tis = session.scalars(
+            select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == dr.run_id)
+        ).all()
+        xcoms = session.scalars(
+            select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id)
+        ).all()
+        report = {
+            "run_id": dr.run_id,
+            "state": str(dr.state),
+            "tis": [
+                {"task_id": ti.task_id, "map_index": ti.map_index, "state": str(ti.state),
+                 "try_number": ti.try_number, "rendered_map_index": ti.rendered_map_index}
+                for ti in tis
+            ],
+            "xcom": {f"{x.task_id}[{x.map_index}].{x.key}": XComModel.deserialize_value(x) for x in xcoms},
+        }
+    with open(out, "w") as fh:
+        json.dump(report, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))

@@ -1,0 +1,103 @@
+"""Every DAG imports, follows the house rules, and keeps torch out of parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DAGS = ROOT / "dags"
+
+
+def test_dagbag_imports_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert dagbag.dags, "no DAG found in dags/"
+    assert "semisup_retrain" in dagbag.dags
+
+
+@pytest.mark.parametrize("rule", ["tags", "retries", "doc_md"])
+def test_every_dag_follows_house_rules(dagbag, rule):
+    for dag_id, dag in dagbag.dags.items():
+        if rule == "tags":
+            assert dag.tags, f"{dag_id} has no tags"
+        elif rule == "retries":
+            for t in dag.tasks:
+                assert (t.retries or 0) >= 1, f"{dag_id}.{t.task_id} has no retries"
+        else:
+            assert dag.doc_md and dag.doc_md.strip(), f"{dag_id} has no doc_md"
+
+
+def test_param_defaults_validate(dagbag):
+    for dag in dagbag.dags.values():
+        dag.params.validate()
+
+
+def test_no_torch_at_parse_time():
+    """Parse every DAG file in a fresh interpreter, then look at sys.modules."""
+    code = (
+        "import json, sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
+        "print(json.dumps({'errors': {str(k): v for k, v in bag.import_errors.items()},\n"
+        "                  'dags': sorted(bag.dags), 'heavy': heavy[:5]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["errors"] == {}
+    assert "semisup_retrain" in out["dags"]
+    assert out["heavy"] == [], f"torch imported while parsing DAGs: {out['heavy']}"
+
+
+def test_retrain_dag_wiring(retrain_dag):
+    dag = retrain_dag
+    assert dag.schedule is None or dag.timetable.summary in ("None", None)
+    assert dag.max_active_runs == 1
+    up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
+    assert up["plan"] == set()
+    assert up["train_teacher"] == up["train_baseline"] == up["train_oracle"] == {"plan"}
+    assert up["shard_groups"] == {"plan"}
+    assert up["score"] == {"shard_groups", "train_teacher"}
+    assert up["select"] == {"score"}
+    assert up["pretrain_student"] == {"select"}
+    assert up["finetune_student"] == {"pretrain_student"}
+    assert up["evaluate"] == {"finetune_student", "train_baseline", "train_oracle"}
+
+    stages = {t.task_id: getattr(t, "stage", None) for t in dag.tasks if t.task_id != "score"}
+    assert stages["train_teacher"] == "train-teacher"
+    assert stages["evaluate"] == "evaluate"
+
+
+def test_score_is_mapped_over_plan_shard_groups(retrain_dag):
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    score = retrain_dag.get_task("score")
+    assert isinstance(score, MappedOperator)
+    assert score.partial_kwargs["max_active_tis_per_dagrun"] >= 1
+    assert "task.shards" in score.partial_kwargs["map_index_template"]
+    (arg,) = score.expand_input.value.values()
+    assert arg.operator.task_id == "shard_groups" and arg.key == "return_value"
+
+
+def test_report_link_only_on_evaluate(retrain_dag):
+    names = {t.task_id: [link.name for link in t.operator_extra_links]
+             for t in retrain_dag.tasks if t.task_id != "score"}
+    assert names["evaluate"] == ["semisup report"]
+    assert all(not v for k, v in names.items() if k != "evaluate")
+
+
+def test_retrain_dag_serializes(retrain_dag):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    data = DagSerialization.serialize_dag(retrain_dag)
+    ops = {t["__var"]["task_id"]: t["__var"] for t in data["tasks"]}
+    assert ops["evaluate"]["_operator_extra_links"] == {"semisup report": "_link_SemisupReportLink"}
+    restored = DagSerialization.deserialize_dag(data)
+    assert set(restored.task_ids) == set(retrain_dag.task_ids)

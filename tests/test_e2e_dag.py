@@ -1,0 +1,94 @@
+"""End to end: the demo data through the real semisup_retrain DAG, run by Airflow (``dag.test()``).
+
+Everything Airflow runs in fresh subprocesses with a private AIRFLOW_HOME (SQLite), this checkout's
+dags/ and plugins/, and a temporary store; epochs are tiny so the run takes a few minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_DAG = ROOT / "tests" / "dags" / "run_dag_script.py"
+MODELS = ("teacher", "baseline", "student_pretrained", "student", "oracle")
+CONF = {"teacher_epochs": 1, "pretrain_epochs": 1, "finetune_epochs": 1, "k": 20, "p": 2}
+
+pytestmark = pytest.mark.slow
+
+
+def _env(airflow_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in [k for k in env if k.startswith("AIRFLOW")]:
+        del env[key]
+    env.update({
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        # like scripts/airflow_env.sh: the checkout importable; Airflow itself adds plugins/ to sys.path
+        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    })
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd[:4]} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def test_semisup_retrain_end_to_end(tmp_path):
+    store_dir = tmp_path / "store"
+    store = f"file://{store_dir}"
+    env = _env(tmp_path / "airflow")
+    _run([sys.executable, "-m", "semisup_tasks", "demo-data", "--store", store], env, timeout=900)
+    _run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env, timeout=600)
+
+    out = tmp_path / "dagrun.json"
+    _run([sys.executable, str(RUN_DAG), "semisup_retrain", json.dumps({**CONF, "store": store}), str(out)],
+         env, timeout=3000)
+    run = json.loads(out.read_text())
+
+    not_ok = [(t["task_id"], t["map_index"], t["state"]) for t in run["tis"] if t["state"] != "success"]
+    assert run["state"] == "success" and not not_ok, not_ok
+    xcom = run["xcom"]
+
+    # score is mapped over the plan's shard groups, one labelled task instance per group
+    groups = xcom["plan[-1].shard_groups"]
+    scores = sorted((t for t in run["tis"] if t["task_id"] == "score"), key=lambda t: t["map_index"])
+    assert len(scores) == len(groups) >= 1
+    assert [t["rendered_map_index"] for t in scores] == [", ".join(g) for g in groups]
+    assert xcom["plan[-1].return_value"]["shard_groups"] == groups  # every key also pushed on its own
+
+    # the metrics document, under runs/<run id>/evaluate/ in the store
+    (metrics_path,) = store_dir.glob("runs/*/evaluate/metrics.json")
+    assert xcom["evaluate[-1].metrics"].endswith("/evaluate/metrics.json")
+    assert Path(xcom["evaluate[-1].metrics"].removeprefix("file://")).resolve() == metrics_path.resolve()
+    metrics = json.loads(metrics_path.read_text())
+    models = metrics.get("models", metrics)
+    for name in MODELS:
+        assert name in models, f"{name} missing from {sorted(models)}"
+        assert 0.0 <= models[name]["top1"] <= 1.0
+
+    # the "semisup report" extra link, and the plugin view serving the report it points at
+    link = xcom["evaluate[-1]._link_SemisupReportLink"]
+    assert link.startswith("/semisup/dags/semisup_retrain/runs/") and link.endswith("/tasks/evaluate/report")
+    view = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'plugins')!r})\n"
+        "from fastapi.testclient import TestClient\n"
+        "from semisup_plugin import create_app\n"
+        "client = TestClient(create_app())\n"
+        "client.app.dependency_overrides[client.app.state.semisup_access] = lambda: None\n"
+        "r = client.get(sys.argv[1].removeprefix('/semisup'))\n"
+        "print(r.status_code, r.headers.get('content-type'), len(r.text))\n"
+    )
+    status = _run([sys.executable, "-c", view, link], env, timeout=300).stdout.split()
+    assert status[0] == "200" and status[1].startswith("text/html") and int(status[-1]) > 100, status
