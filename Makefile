@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STORE ?= file://$(CURDIR)/.semisup/store
+CONF ?= {}
+export SEMISUP_STORE := $(STORE)
+
+.PHONY: venv demo test lint clean-demo
+
+# pins live in pyproject.toml (torch/torchvision install from this machine's disk; Airflow from PyPI)
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[airflow,demo,test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# demo data -> semisup_retrain through Airflow (dags test on SQLite) -> the report table
+demo: venv
+	$(VENV)/bin/semisup demo-data --store $(STORE)
+	source scripts/airflow_env.sh && $(VENV)/bin/airflow db migrate > /dev/null && \
+	  $(VENV)/bin/airflow dags test semisup_retrain -c '$(CONF)' > .airflow/demo.log 2>&1 \
+	  || { tail -50 .airflow/demo.log; echo "make demo: the DAG run failed; full log in .airflow/demo.log"; exit 1; }
+	$(VENV)/bin/semisup report --store $(STORE) --run latest
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check semisup_tasks plugins dags tests benchmarks
+
+clean-demo:
+	rm -rf .semisup .airflow
