@@ -14,10 +14,9 @@ import semisup_operator  # noqa: F401  (makes semisup_tasks importable from a ch
 from airflow.sdk import Param
 from semisup_runners import resolve_store
 
-from semisup_tasks.config import param_specs
+from semisup_tasks.config import DEFAULT_STORE, param_specs
 
 STORE_ENV = "SEMISUP_STORE"
-DEFAULT_STORE = "file://./.semisup/store"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_SECTION = "Store"
 

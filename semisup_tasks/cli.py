@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .store import DEFAULT_STORE, Store, StoreError
+from .config import DEFAULT_STORE, ConfigError
+from .store import Store, StoreError
 
 USER_ERROR = 2
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=DEFAULT_STORE, help=f"store root URI (default {DEFAULT_STORE})")
+    default = os.environ.get("SEMISUP_STORE") or DEFAULT_STORE
+    p.add_argument("--store", default=default, help=f"store root URI (default $SEMISUP_STORE or {DEFAULT_STORE})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+DEFAULT_STORE = "file://./.semisup/store"  # the embedded store, a folder ignored by git
+
 
 class ConfigError(ValueError):
     """A parameter a user can fix."""

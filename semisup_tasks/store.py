@@ -22,7 +22,6 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DEFAULT_STORE = "file://./.semisup/store"
 SUCCESS = "_SUCCESS.json"
 
 

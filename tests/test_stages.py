@@ -1,0 +1,159 @@
+"""The stages on a tiny synthetic dataset: the whole pipeline without Airflow, on file:// and S3,
+its determinism, idempotent reruns, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semisup_tasks import datasets
+from semisup_tasks.config import ConfigError
+from semisup_tasks.images import encode_png
+from semisup_tasks.stages import run_pipeline, run_stage
+from semisup_tasks.store import Store
+
+CLASSES = ["left", "middle", "right"]
+FAST = {"teacher_arch": "cnn_small", "teacher_epochs": 6, "pretrain_epochs": 3, "finetune_epochs": 4,
+        "k": 8, "p": 2, "batch_size": 16, "augment": "none", "shards_per_task": 1}
+
+
+def bar_image(rng: np.random.Generator, cls: int) -> bytes:
+    """12x12 grayscale noise with a bright vertical bar whose position is the class."""
+    img = rng.integers(0, 60, (12, 12), dtype=np.uint8)
+    img[:, 1 + cls * 4:3 + cls * 4] = 255
+    return encode_png(img)
+
+
+def make_tiny(store: Store, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+
+    def rows(prefix: str, n: int):
+        return [(f"{prefix}-{i}", bar_image(rng, i % 3), i % 3) for i in range(n)]
+
+    datasets.write_dataset(store, "tiny", "v1", CLASSES, 1, [12, 12],
+                           {"train": rows("train", 18), "val": rows("val", 9), "test": rows("test", 15)},
+                           source="test")
+    for drop in ("d1", "d2"):
+        labels = [int(c) for c in rng.integers(0, 3, 24)]
+        names = [f"img-{i:03d}.png" for i in range(24)]
+        datasets.write_drop(store, drop, [(n, bar_image(rng, c)) for n, c in zip(names, labels, strict=True)],
+                            source="test", shard_size=10)
+        datasets.write_truth(store, drop, [datasets.drop_image_id(drop, n) for n in names], labels)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.from_uri(f"file://{tmp_path}/store")
+    make_tiny(s)
+    return s
+
+
+def params(**extra):
+    return {"dataset": "tiny", **FAST, **extra}
+
+
+def test_pipeline_end_to_end_writes_every_output(store):
+    result = run_pipeline(store, "r1", params())
+    assert set(result["summary"]) == {"teacher", "baseline", "student_pretrained", "student", "oracle"}
+    metrics = store.read_json("runs/r1/evaluate/metrics.json")
+    # the synthetic classes are easy: a working pipeline learns them
+    assert metrics["models"]["teacher"]["top1"] > 0.8
+    sel = metrics["selection"]
+    assert sel["images_scored"] == 48 and sel["rows_scored"] == 96
+    assert sel["per_class_count"] == [8, 8, 8] and sel["shortfall"] == [0, 0, 0]
+    assert sel["pseudo_label_precision"] is not None and sel["pseudo_label_precision"] > 0.8
+    # one score file per drop shard (24 images in shards of 10 -> 3 per drop)
+    assert len(store.list("runs/r1/score")) == 6
+    for name in ("report.md", "report.html", "per_class_recall.png", "selection_histogram.png"):
+        assert store.exists(f"runs/r1/evaluate/{name}")
+
+
+def test_same_seed_same_numbers_and_reruns_are_noops(store):
+    first = run_pipeline(store, "a", params(oracle=False))
+    second = run_pipeline(store, "b", params(oracle=False))
+    assert first["summary"] == second["summary"]
+    before = store.read_bytes("runs/a/student/model.pt")
+    again = run_stage("finetune-student", store, "a", params(oracle=False))
+    assert again["model"].endswith("runs/a/student/model.pt")
+    assert store.read_bytes("runs/a/student/model.pt") == before  # recorded result, no retraining
+    shard = store.read_json("runs/a/plan/_SUCCESS.json")["result"]["shard_groups"][0]
+    assert run_stage("score", store, "a", params(oracle=False), shards=shard)["skipped_shards"] == 1
+
+
+def test_different_seed_changes_the_weights(store):
+    for run, seed in (("s0", 0), ("s1", 1)):
+        run_stage("plan", store, run, params(seed=seed))
+        run_stage("train-teacher", store, run, params(seed=seed))
+    assert store.read_bytes("runs/s0/teacher/model.pt") != store.read_bytes("runs/s1/teacher/model.pt")
+
+
+def test_oracle_is_skipped_without_ground_truth(tmp_path):
+    s = Store.from_uri(f"file://{tmp_path}/s")
+    make_tiny(s)
+    s.delete_prefix("truth")
+    run_stage("plan", s, "r", params())
+    assert run_stage("train-oracle", s, "r", params())["skipped"] is True
+
+
+def test_pipeline_on_s3(s3_server):
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="semisup-e2e")
+    s3 = Store.from_uri("s3://semisup-e2e/store")
+    make_tiny(s3)
+    result = run_pipeline(s3, "on-s3", params(oracle=False, teacher_epochs=2, pretrain_epochs=1,
+                                                 finetune_epochs=1))
+    assert result["metrics"] == "s3://semisup-e2e/store/runs/on-s3/evaluate/metrics.json"
+    # Parquet outputs are plain objects any S3 tool reads
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    selection = pq.read_table("semisup-e2e/store/runs/on-s3/select/selection.parquet", filesystem=fs)
+    stats = s3.read_json("runs/on-s3/select/stats.json")
+    assert selection.num_rows == stats["selected_pairs"] > 0
+    assert set(selection.column_names) >= {"image_id", "cls", "score"}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"p": 4}, "p=4 exceeds the 3 classes"),
+    ({"k": 0}, "k must be at least 1"),
+    ({"teacher_arch": "vgg"}, "teacher_arch must be one of"),
+    ({"dataset": "nope"}, "Dataset 'nope'"),
+    ({"drops": ["missing"]}, "missing"),
+    ({"lr": -1}, "lr must be greater than 0"),
+    ({"epochs": 3}, "Unknown parameter"),
+])
+def test_bad_params_fail_in_plan_with_one_sentence(store, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        run_stage("plan", store, "bad", {**params(), **bad})
+    assert store.list("runs/bad") == []  # nothing written
+
+
+def test_stages_out_of_order_say_what_to_run_first(store):
+    with pytest.raises(ConfigError, match="no plan"):
+        run_stage("train-teacher", store, "x", params())
+    run_stage("plan", store, "x", params())
+    with pytest.raises(ConfigError, match="no teacher model"):
+        run_stage("score", store, "x", params(), shards=["drops/d1/shards/part-00000.parquet"])
+    with pytest.raises(ConfigError, match="score file"):
+        run_stage("select", store, "x", params())
+    with pytest.raises(ConfigError, match="Unknown stage"):
+        run_stage("distill", store, "x", params())
+
+
+def test_cli_stage_writes_result_file_and_exit_2_on_user_error(store, tmp_path, capsys):
+    import json
+
+    from semisup_tasks.cli import main
+
+    out = tmp_path / "result.json"
+    args = ["stage", "plan", "--store", store.uri, "--run-id", "cli", "--params-json", json.dumps(params()),
+            "--result-file", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["drops"] == ["d1", "d2"]
+    assert main(["stage", "plan", "--store", store.uri, "--run-id", "cli2",
+                 "--params-json", json.dumps(params(p=9))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("semisup: error: Parameter p=9 exceeds")
