@@ -94,14 +94,22 @@ def _recipe(params: PipelineParams, stage: str):
                   seed=params.seed * 100 + offset)
 
 
-def _new_model(arch: str, ds: dict, recipe):
-    """A freshly initialised model; seeded first so the same seed gives the same weights."""
+def _train_new(arch: str, ds: dict, x: np.ndarray, y: np.ndarray, recipe, name: str):
+    """A freshly initialised model trained on (x, y); seeded first so the same seed gives the same weights."""
     import torch
 
     from .models import build_model
+    from .train import train
 
     torch.manual_seed(recipe.seed)
-    return build_model(arch, ds["channels"], len(ds["classes"]), tuple(ds["image_size"]))
+    model = build_model(arch, ds["channels"], len(ds["classes"]), tuple(ds["image_size"]))
+    return model, train(model, x, y, recipe, name=name)
+
+
+def _images_and_labels(store: Store, rows: pa.Table, label_column: str, ds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded images of (image_id, shard) rows with their labels, in row order."""
+    x = _gather_images(store, rows, ds["channels"], tuple(ds["image_size"]))
+    return x, rows.column(label_column).to_numpy().astype(np.int64)
 
 
 def _save_model(ctx: RunContext, name: str, model, arch: str, ds: dict, train_summary: dict) -> dict:
@@ -182,14 +190,10 @@ def plan(ctx: RunContext) -> dict:
 
 def train_labeled(ctx: RunContext, stage: str) -> dict:
     """Teacher and baseline: trained from scratch on the labeled train split."""
-    from .train import train
-
     ds = ctx.dataset()
     arch = ctx.params.teacher_arch if stage == "train-teacher" else ctx.params.student_arch
     x, y, _ = datasets.load_split(ctx.store, ds, "train")
-    recipe = _recipe(ctx.params, stage)
-    model = _new_model(arch, ds, recipe)
-    summary = train(model, x, y, recipe, name=MODEL_STAGES[stage])
+    model, summary = _train_new(arch, ds, x, y, _recipe(ctx.params, stage), MODEL_STAGES[stage])
     return _save_model(ctx, MODEL_STAGES[stage], model, arch, ds, summary)
 
 
@@ -241,8 +245,6 @@ def select_stage(ctx: RunContext) -> dict:
 
 
 def pretrain_student(ctx: RunContext) -> dict:
-    from .train import train
-
     ds = ctx.dataset()
     key = ctx.key("select", "selection.parquet")
     if not ctx.store.exists(ctx.key("select", SUCCESS)):
@@ -250,12 +252,9 @@ def pretrain_student(ctx: RunContext) -> dict:
     selection = ctx.store.read_table(key)
     if selection.num_rows == 0:
         raise ConfigError("The selection is empty: the teacher selected no image; check the drops and K.")
-    x = _gather_images(ctx.store, selection, ds["channels"], tuple(ds["image_size"]))
-    y = selection.column("cls").to_numpy().astype(np.int64)
+    x, y = _images_and_labels(ctx.store, selection, "cls", ds)
     arch = ctx.params.student_arch
-    recipe = _recipe(ctx.params, "pretrain-student")
-    model = _new_model(arch, ds, recipe)
-    summary = train(model, x, y, recipe, name="student_pretrained")
+    model, summary = _train_new(arch, ds, x, y, _recipe(ctx.params, "pretrain-student"), "student_pretrained")
     return _save_model(ctx, "student_pretrained", model, arch, ds, summary)
 
 
@@ -280,12 +279,9 @@ def train_oracle(ctx: RunContext) -> dict:
     truth = datasets.load_truth(ctx.store, plan_["drops"])
     pool = _pool_rows(ctx).join(truth.select(["image_id", "label"]), "image_id", join_type="inner")
     pool = pool.filter(pc.greater_equal(pool.column("label"), 0)).sort_by("image_id")  # drop distractors
-    x = _gather_images(ctx.store, pool, ds["channels"], tuple(ds["image_size"]))
-    y = pool.column("label").to_numpy().astype(np.int64)
+    x, y = _images_and_labels(ctx.store, pool, "label", ds)
     arch = ctx.params.student_arch
-    recipe = _recipe(ctx.params, "oracle-pretrain")
-    model = _new_model(arch, ds, recipe)
-    pre = train(model, x, y, recipe, name="oracle_pretrain")
+    model, pre = _train_new(arch, ds, x, y, _recipe(ctx.params, "oracle-pretrain"), "oracle_pretrain")
     lx, ly, _ = datasets.load_split(ctx.store, ds, "train")
     fine = train(model, lx, ly, _recipe(ctx.params, "oracle-finetune"), name="oracle")
     return _save_model(ctx, "oracle", model, arch, ds, {"pretrain": pre, "finetune": fine})

@@ -159,7 +159,7 @@ def test_local_runner_kill_stops_the_stage():
     assert len(errors) == 1 and isinstance(errors[0], StageFailed) and "signal" in str(errors[0])
 
 
-def test_operator_pushes_each_result_key(monkeypatch, tmp_path):
+def test_operator_returns_the_result_document_and_pushes_nothing_else(monkeypatch, tmp_path):
     class Fixed(LocalRunner):
         def run(self, request, log):
             return {"dataset": "mnist-demo", "shard_groups": [["d/0"], ["d/1"]], "images": 10}
@@ -169,7 +169,7 @@ def test_operator_pushes_each_result_key(monkeypatch, tmp_path):
     ctx = make_context(f"file://{tmp_path}")
     result = op.execute(ctx)
     assert result["shard_groups"] == [["d/0"], ["d/1"]]
-    assert ctx["ti"].pushed == result
+    assert ctx["ti"].pushed == {}  # only the return value travels through XCom
 
 
 def test_retryable_failures_raise_airflow_exception(monkeypatch, tmp_path):
