@@ -71,7 +71,7 @@ class SemisupReportLink(BaseOperatorLink):
 
     Airflow 3 computes links defined on an operator on the worker when the task finishes and
     stores them in XCom; the API server only reads them back. The view looks up the report URI
-    the task pushed (XCom key ``report``) and serves the document from the store.
+    in the task's result document (``return_value["report"]``) and serves it from the store.
     """
 
     name = "semisup report"

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _params(text: str) -> dict:
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--params-json is not valid JSON ({exc.msg} at character {exc.pos}).") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"--params-json must be a JSON object like '{{\"k\": 100}}', got {text!r}.")
+    return params
+
+
 def _emit(result: dict, result_file: str | None) -> None:
     text = json.dumps(result, sort_keys=True)
     if result_file:
@@ -98,18 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stage":
             from .stages import run_stage
 
-            params = json.loads(args.params_json)
-            _emit(run_stage(args.name, store, args.run_id, params, shards=args.shards), args.result_file)
+            _emit(run_stage(args.name, store, args.run_id, _params(args.params_json), shards=args.shards),
+                  args.result_file)
         elif args.command == "run":
             from .stages import run_pipeline
 
-            _emit(run_pipeline(store, args.run_id, json.loads(args.params_json)), None)
+            _emit(run_pipeline(store, args.run_id, _params(args.params_json)), None)
         elif args.command == "report":
             from .report import load_metrics, render_table
 
             metrics = load_metrics(store, args.run)
             print(json.dumps(metrics, indent=2, sort_keys=True) if args.format == "json" else render_table(metrics))
-    except (ConfigError, StoreError, FileNotFoundError, json.JSONDecodeError) as exc:
+    except (ConfigError, StoreError, OSError) as exc:  # OSError: missing or unreadable local files
         print(f"semisup: error: {exc}", file=sys.stderr)
         return USER_ERROR
     return 0

@@ -58,7 +58,8 @@ class PipelineParams:
                    type="number", exclusiveMinimum=0)
     optimizer: str = _p("sgd", "Optimizer.", "Training", type="string", enum=["sgd", "adamw"])
     weight_decay: float = _p(5e-4, "Weight decay.", "Training", type="number", minimum=0)
-    batch_size: int = _p(64, "Batch size.", "Training", type="integer", minimum=1)
+    batch_size: int = _p(64, "Batch size (at least 2: batch norm needs two samples).", "Training",
+                         type="integer", minimum=2)
     warmup_epochs: float = _p(1.0, "Linear warm-up before the cosine schedule, in epochs.", "Training",
                               type="number", minimum=0)
     augment: str = _p("affine", "Augmentation: none, affine (shift/scale/rotate), or affine+flip for "

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .config import ConfigError
 from .datasets import (
     DISTRACTOR,
     dataset_prefix,
@@ -159,6 +160,15 @@ def build_demo(store: Store, seed: int = 0, name: str = "mnist-demo") -> dict:
             logger.warning("Dataset %s %s was built with seed %s; finishing it with that seed",
                            name, VERSION, built)
         seed = built
+
+    else:
+        # the drops must come from the same split as the dataset about to be written
+        source = f"{SOURCE} (seed {seed})"
+        for drop_id in DROPS:
+            if store.exists(join(drop_prefix(drop_id), SUCCESS)) and \
+                    load_drop_manifest(store, drop_id)["source"] != source:
+                raise ConfigError(f"Drop {drop_id!r} in {store.uri} was built from another demo split; "
+                                  "build the demo into a fresh store (or delete its drops first).")
 
     images, labels = _load_mnist()
     plan = _plan(seed, labels)

@@ -21,13 +21,18 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray, tail: list[
     for c in range(num_classes):
         mask = y == c
         recall.append(float((pred[mask] == c).float().mean()) if mask.any() else float("nan"))
-    recall_arr = np.array(recall)
     head = [c for c in range(num_classes) if c not in set(tail)]
     return {
         "top1": float((pred == y).float().mean()),
         "top5": float((top == y[:, None]).any(dim=1).float().mean()),
-        "balanced_accuracy": float(np.nanmean(recall_arr)),
-        "tail_recall": float(np.nanmean(recall_arr[tail])) if tail else float("nan"),
-        "head_recall": float(np.nanmean(recall_arr[head])) if head else float("nan"),
+        "balanced_accuracy": _mean(recall),
+        "tail_recall": _mean([recall[c] for c in tail]),
+        "head_recall": _mean([recall[c] for c in head]),
         "per_class_recall": [None if np.isnan(r) else r for r in recall],
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    """Mean over the classes that have test images; None (valid JSON, unlike NaN) when none has."""
+    present = [v for v in values if not np.isnan(v)]
+    return float(np.mean(present)) if present else None

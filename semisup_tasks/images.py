@@ -7,7 +7,7 @@ Schema: ``image_id`` (string, unique within a dataset or drop), ``image`` (PNG o
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,15 +92,6 @@ def write_shards(
     if batch:
         flush()
     return shards
-
-
-def read_shard(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
-    return store.read_table(key, columns=columns)
-
-
-def iter_shards(store: Store, keys: Iterable[str]) -> Iterator[pa.Table]:
-    for key in keys:
-        yield read_shard(store, key)
 
 
 def decode_table(table: pa.Table, channels: int, size: tuple[int, int]) -> np.ndarray:

@@ -8,6 +8,7 @@ redoing the work, so Airflow retries and re-runs are idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,14 +52,19 @@ class RunContext:
         return join(self.prefix, *parts)
 
     def plan(self) -> dict:
-        key = self.key("plan", SUCCESS)
-        if not self.store.exists(key):
+        result = self.committed("plan")
+        if result is None:
             raise ConfigError(f"Run {self.run_id!r} has no plan in {self.store.uri}; run the plan stage first.")
-        return self.store.read_json(key)["result"]
+        return result
 
     def dataset(self) -> dict:
         plan = self.plan()
         return datasets.load_dataset_manifest(self.store, plan["dataset"], plan["dataset_version"])
+
+    def committed(self, stage_dir: str) -> dict | None:
+        """The recorded result of a stage of this run, or None when it has not committed."""
+        key = self.key(stage_dir, SUCCESS)
+        return self.store.read_json(key)["result"] if self.store.exists(key) else None
 
     def manifest_matches(self, stage_dir: str, fingerprint: dict) -> dict | None:
         key = self.key(stage_dir, SUCCESS)
@@ -119,24 +125,30 @@ def _save_model(ctx: RunContext, name: str, model, arch: str, ds: dict, train_su
 
     size = tuple(ds["image_size"])
     key = ctx.key(name, "model.pt")
-    ctx.store.write_bytes(key, checkpoint_bytes(model, arch, ds["channels"], len(ds["classes"]), size,
-                                                extra={"run_id": ctx.run_id, "train": train_summary}))
+    data = checkpoint_bytes(model, arch, ds["channels"], len(ds["classes"]), size,
+                            extra={"run_id": ctx.run_id, "train": train_summary})
+    ctx.store.write_bytes(key, data)
     val_x, val_y, _ = datasets.load_split(ctx.store, ds, "val")
     val_top1 = None
     if len(val_y):
         tail = tail_classes(ds["splits"]["train"]["class_counts"])
         val_top1 = classification_metrics(predict(model, val_x), val_y, tail)["top1"]
-    return {"model": ctx.store.url(key), "model_key": key, "arch": arch, "val_top1": val_top1,
-            "train": train_summary}
+    return {"model": ctx.store.url(key), "model_key": key, "sha256": hashlib.sha256(data).hexdigest(),
+            "arch": arch, "val_top1": val_top1, "train": train_summary}
+
+
+def _model_result(ctx: RunContext, name: str) -> dict:
+    """The committed result of the stage that trained ``name``; a model without a manifest is ignored."""
+    result = ctx.committed(name)
+    if result is None or result.get("skipped"):
+        raise ConfigError(f"Run {ctx.run_id!r} has no {name} model yet; run its stage first.")
+    return result
 
 
 def _load_model(ctx: RunContext, name: str):
     from .models import load_checkpoint
 
-    key = ctx.key(name, "model.pt")
-    if not ctx.store.exists(key):
-        raise ConfigError(f"Run {ctx.run_id!r} has no {name} model yet; run its stage first.")
-    return load_checkpoint(ctx.store.read_bytes(key))[0]
+    return load_checkpoint(ctx.store.read_bytes(_model_result(ctx, name)["model_key"]))[0]
 
 
 def _gather_images(store: Store, rows: pa.Table, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -177,15 +189,23 @@ def plan(ctx: RunContext) -> dict:
     if p.p > num_classes:
         raise ConfigError(f"Parameter p={p.p} exceeds the {num_classes} classes of dataset {p.dataset!r}; "
                           f"use p between 1 and {num_classes}.")
+    for split in ("train", "test"):
+        if ds["splits"][split]["count"] == 0:
+            raise ConfigError(f"Dataset {ds['name']!r} version {ds['version']} has no {split} images; "
+                              "re-import it with a non-empty train and test split.")
+    repeated = sorted({d for d in p.drops if p.drops.count(d) > 1})
+    if repeated:
+        raise ConfigError(f"Drop(s) {', '.join(repeated)} are listed more than once in drops; list each once.")
     drop_ids = list(p.drops) or datasets.list_drops(ctx.store)
     if not drop_ids:
         raise ConfigError(f"The store {ctx.store.uri} has no unlabeled drop; add one with `semisup import-drop`.")
-    shards = [s["key"] for d in drop_ids for s in datasets.load_drop_manifest(ctx.store, d)["shards"]]
+    manifests = [datasets.load_drop_manifest(ctx.store, d) for d in drop_ids]
+    shards = [s["key"] for m in manifests for s in m["shards"]]
     groups = [shards[i:i + p.shards_per_task] for i in range(0, len(shards), p.shards_per_task)]
-    truth = datasets.load_truth(ctx.store, drop_ids)
-    images = sum(datasets.load_drop_manifest(ctx.store, d)["count"] for d in drop_ids)
+    # true labels count only when every drop has them: a partial truth would make a partial oracle
+    truth = all(ctx.store.exists(datasets.truth_key(d)) for d in drop_ids)
     return {"dataset": ds["name"], "dataset_version": ds["version"], "drops": drop_ids, "shard_groups": groups,
-            "images": images, "oracle": bool(p.oracle and truth is not None)}
+            "images": sum(m["count"] for m in manifests), "truth": truth, "oracle": bool(p.oracle and truth)}
 
 
 def train_labeled(ctx: RunContext, stage: str) -> dict:
@@ -218,7 +238,9 @@ def score(ctx: RunContext, shards: list[str]) -> dict:
 
 
 def _score_key(ctx: RunContext, shard: str) -> str:
-    return ctx.key("score", shard.replace("/", "__"))
+    """Score files are named after the teacher's weights and P: a retrained teacher never reuses stale scores."""
+    teacher = _model_result(ctx, "teacher")["sha256"][:16]
+    return ctx.key("score", f"teacher-{teacher}-p{ctx.params.p}", shard.replace("/", "__"))
 
 
 def select_stage(ctx: RunContext) -> dict:
@@ -246,10 +268,9 @@ def select_stage(ctx: RunContext) -> dict:
 
 def pretrain_student(ctx: RunContext) -> dict:
     ds = ctx.dataset()
-    key = ctx.key("select", "selection.parquet")
-    if not ctx.store.exists(ctx.key("select", SUCCESS)):
+    if ctx.committed("select") is None:
         raise ConfigError(f"Run {ctx.run_id!r} has no selection yet; run the select stage first.")
-    selection = ctx.store.read_table(key)
+    selection = ctx.store.read_table(ctx.key("select", "selection.parquet"))
     if selection.num_rows == 0:
         raise ConfigError("The selection is empty: the teacher selected no image; check the drops and K.")
     x, y = _images_and_labels(ctx.store, selection, "cls", ds)
@@ -298,18 +319,17 @@ def evaluate_stage(ctx: RunContext) -> dict:
     train_counts = ds["splits"]["train"]["class_counts"]
     tail = tail_classes(train_counts)
     test_x, test_y, _ = datasets.load_split(ctx.store, ds, "test")
-    val_x, val_y, _ = datasets.load_split(ctx.store, ds, "val")
     models = {}
     for name in MODEL_STAGES.values():
-        key = ctx.key(name, "model.pt")
-        if not ctx.store.exists(key):
-            continue
-        model, ckpt = load_checkpoint(ctx.store.read_bytes(key))
+        trained = ctx.committed(name)
+        if trained is None or trained.get("skipped"):
+            continue  # not trained in this run (the oracle without ground truth)
+        model, ckpt = load_checkpoint(ctx.store.read_bytes(trained["model_key"]))
         metrics = classification_metrics(predict(model, test_x), test_y, tail)
-        metrics["val_top1"] = (classification_metrics(predict(model, val_x), val_y, tail)["top1"]
-                               if len(val_y) else None)
-        metrics["arch"] = ckpt["arch"]
+        metrics.update(val_top1=trained["val_top1"], arch=ckpt["arch"])
         models[name] = metrics
+    if ctx.committed("select") is None:
+        raise ConfigError(f"Run {ctx.run_id!r} has no selection yet; run the select stage first.")
     selection_stats = ctx.store.read_json(ctx.key("select", "stats.json"))
     selection_stats.update(_pseudo_label_quality(ctx, plan_, len(ds["classes"])))
     metrics = {
@@ -329,7 +349,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
 
 
 def _pseudo_label_quality(ctx: RunContext, plan_: dict, num_classes: int) -> dict:
-    truth = datasets.load_truth(ctx.store, plan_["drops"])
+    truth = datasets.load_truth(ctx.store, plan_["drops"]) if plan_["truth"] else None
     if truth is None:
         return {"pseudo_label_precision": None, "per_class_precision": None, "distractors_selected": None}
     sel = ctx.store.read_table(ctx.key("select", "selection.parquet"), columns=["image_id", "cls"])

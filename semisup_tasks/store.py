@@ -17,7 +17,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,8 +30,12 @@ class StoreError(Exception):
 
 
 def clean_key(key: str) -> str:
-    """Normalise a key and refuse one that could escape the root."""
-    raw = unquote(key).replace("\\", "/")
+    """Normalise a key and refuse one that could escape the root.
+
+    Keys are literal (no URL decoding): ``photo%201.png`` is a file of that name, and ``%2e%2e``
+    is a folder name, never a parent reference.
+    """
+    raw = key.replace("\\", "/")
     if raw.startswith("/") or any(part == ".." for part in raw.split("/")):
         raise StoreError(f"Store key {key!r} escapes the store root; use a relative key without '..'.")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
@@ -171,8 +175,6 @@ class FileStore(Store):
     def url(self, key: str) -> str:
         return self.uri + "/" + clean_key(key)
 
-    def local_path(self, key: str) -> Path:
-        return self._path(key)
 
 
 class S3Store(Store):
@@ -200,41 +202,51 @@ class S3Store(Store):
         except Exception as exc:  # botocore raises many unrelated types here
             raise self._fail(f"reach bucket {self.bucket!r}", exc) from None
 
-    def read_bytes(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
+    def _call(self, what: str, fn, **kwargs):
+        """One S3 call; errors the user can fix become one StoreError sentence (retries are botocore's)."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return fn(Bucket=self.bucket, **kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise StoreError(f"{self.url(key)} does not exist.") from None
-            raise self._fail(f"read {self.url(key)}", exc) from None
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(what) from None
+            raise self._fail(what, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail(what, exc) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._call(f"read {self.url(key)}", self._client.get_object, Key=self._key(key))["Body"].read()
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(key)} does not exist.") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # a single PUT is atomic on S3: readers see the old object or the new one
-        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self._call(f"write {self.url(key)}", self._client.put_object, Key=self._key(key), Body=data)
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call(f"check {self.url(key)}", self._client.head_object, Key=self._key(key))
             return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail(f"check {self.url(key)}", exc) from None
+        except FileNotFoundError:
+            return False
 
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = self._call(f"list {self.uri}/{prefix}", paginator.paginate, Prefix=full)
         keys = []
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        try:
+            for page in pages:
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        except Exception as exc:  # pages are fetched lazily; botocore raises several types
+            raise self._fail(f"list {self.uri}/{prefix}", exc) from None
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._call(f"delete {self.url(key)}", self._client.delete_object, Key=self._key(key))
 
     def url(self, key: str) -> str:
         return f"{self.uri}/{clean_key(key)}"

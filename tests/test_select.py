@@ -59,3 +59,17 @@ def test_top_p_keeps_the_most_probable_classes():
     cls, score = top_p(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]]), 2)
     assert cls.tolist() == [[1, 2], [0, 1]] or cls.tolist() == [[1, 2], [0, 2]]
     assert score[0, 0] > score[0, 1] and abs(float(score[1].sum()) - 0.9) < 0.1
+
+
+def test_metrics_without_test_images_for_a_group_are_none_not_nan():
+    import json
+
+    import torch
+
+    from semisup_tasks.evaluate import classification_metrics
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    m = classification_metrics(logits, np.array([0, 0]), tail=[2])  # class 2 has no test image
+    assert m["tail_recall"] is None and m["per_class_recall"][2] is None
+    assert m["top1"] == 0.5 and m["balanced_accuracy"] == 0.5
+    json.dumps(m, allow_nan=False)  # valid JSON

@@ -137,7 +137,7 @@ def test_stages_out_of_order_say_what_to_run_first(store):
     run_stage("plan", store, "x", params())
     with pytest.raises(ConfigError, match="no teacher model"):
         run_stage("score", store, "x", params(), shards=["drops/d1/shards/part-00000.parquet"])
-    with pytest.raises(ConfigError, match="score file"):
+    with pytest.raises(ConfigError, match="no teacher model"):
         run_stage("select", store, "x", params())
     with pytest.raises(ConfigError, match="Unknown stage"):
         run_stage("distill", store, "x", params())
@@ -157,3 +157,47 @@ def test_cli_stage_writes_result_file_and_exit_2_on_user_error(store, tmp_path, 
                  "--params-json", json.dumps(params(p=9))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("semisup: error: Parameter p=9 exceeds")
+
+
+def test_rerun_with_other_params_never_reads_stale_scores(store):
+    run_pipeline(store, "r", params(oracle=True, p=2))
+    run_pipeline(store, "r", params(oracle=False, p=1))  # same run id, new params
+    metrics = store.read_json("runs/r/evaluate/metrics.json")
+    assert metrics["selection"]["p"] == 1
+    assert metrics["selection"]["images_scored"] == 48 and metrics["selection"]["rows_scored"] == 48
+    assert "oracle" not in metrics["models"]  # the earlier oracle model is not reported
+
+
+def test_partial_ground_truth_gives_no_oracle_and_no_precision(store):
+    store.delete("truth/drops/d2.parquet")
+    result = run_stage("plan", store, "p", params())
+    assert result["truth"] is False and result["oracle"] is False
+
+
+def test_dataset_without_test_images_is_refused(tmp_path):
+    s = Store.from_uri(f"file://{tmp_path}/s")
+    rng = np.random.default_rng(0)
+    rows = [(f"t{i}", bar_image(rng, i % 3), i % 3) for i in range(6)]
+    datasets.write_dataset(s, "notest", "v1", CLASSES, 1, [12, 12], {"train": rows}, source="test")
+    with pytest.raises(ConfigError, match="no test images"):
+        run_stage("plan", s, "x", {**params(), "dataset": "notest"})
+
+
+def test_repeated_drops_are_refused(store):
+    with pytest.raises(ConfigError, match="d1 are listed more than once"):
+        run_stage("plan", store, "x", params(drops=["d1", "d1"]))
+
+
+@pytest.mark.parametrize("text", ["5", "[1]", "{bad"])
+def test_cli_params_json_must_be_an_object(store, text, capsys):
+    from semisup_tasks.cli import main
+
+    assert main(["stage", "plan", "--store", store.uri, "--run-id", "x", "--params-json", text]) == 2
+    assert "--params-json" in capsys.readouterr().err
+
+
+def test_select_says_which_score_files_are_missing(store):
+    run_stage("plan", store, "m", params())
+    run_stage("train-teacher", store, "m", params())
+    with pytest.raises(ConfigError, match="6 score file"):
+        run_stage("select", store, "m", params())

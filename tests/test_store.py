@@ -56,10 +56,18 @@ def test_unreachable_bucket_is_one_sentence(s3_server):
         Store.from_uri("s3://no-such-bucket/x").check()
 
 
-@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a/%2e%2e/%2e%2e/x", "..\\x"])
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "..\\x", "a\\..\\..\\x"])
 def test_keys_cannot_escape_the_root(key):
     with pytest.raises(StoreError, match="escapes"):
         clean_key(key)
+
+
+def test_keys_are_literal_not_url_decoded(tmp_path):
+    # a file named with %-escapes is that file, and an encoded '..' is only a folder name
+    assert clean_key("photos/photo%201.png") == "photos/photo%201.png"
+    store = Store.from_uri(f"file://{tmp_path}/root")
+    store.write_bytes("a/%2e%2e/%2e%2e/x", b"1")
+    assert (tmp_path / "root" / "a" / "%2e%2e" / "%2e%2e" / "x").read_bytes() == b"1"
 
 
 def test_bad_uri():
