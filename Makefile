@@ -29,7 +29,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check semisup_tasks plugins dags tests
+	$(VENV)/bin/ruff check semisup_tasks plugins dags tests benchmarks
 
 clean-demo:
 	rm -rf .semisup .airflow

@@ -1,7 +1,7 @@
 """Selection: exact top-K images per class over every image's top-P rows.
 
 Ties are broken by score descending, then image id ascending, so the result does not depend
-on the order the score files are read in. Memory holds the survivors (at most C*K rows) plus
+on the order the score files are read in. Memory holds the survivors (about C*K rows) plus
 one score file at a time, whatever the pool size.
 """
 
@@ -28,17 +28,66 @@ def top_k_per_class(table: pa.Table, k: int) -> pa.Table:
     return ranked.filter(pa.array(rank < k))
 
 
+def _rank_key(cls: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """One uint64 per row that sorts by class ascending, then score descending.
+
+    Non-negative float32 scores order like their bit patterns, so the key needs no float
+    compare and ties in (class, score) stay ties: image ids break them later, on few rows.
+    """
+    score = np.ascontiguousarray(score, dtype=np.float32)
+    if not (score >= 0).all():  # also catches NaN: a diverged teacher must not look confident
+        raise ValueError("scores must be non-negative numbers (softmax probabilities); found a negative or NaN")
+    bits = (score + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0
+    return (cls.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - bits.astype(np.uint64))
+
+
+def _keep_top_k_with_ties(table: pa.Table, k: int) -> tuple[pa.Table, np.ndarray]:
+    """Rows ranking in the first k of their class by (class, score) alone, plus every row tying
+    with a class's k-th score (image ids decide those at the end); and the per-class k-th key."""
+    key = _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())
+    ranked = np.sort(key)  # only the k-th key per class is needed, not the order itself
+    cls_sorted = ranked >> np.uint64(32)
+    starts = np.r_[0, np.flatnonzero(np.diff(cls_sorted)) + 1]
+    counts = np.diff(np.r_[starts, len(ranked)])
+    # per class present: the key of its k-th row, or the largest key when it has fewer than k
+    kth = ranked[starts + np.minimum(counts, k) - 1]
+    full = counts >= k
+    floor_by_class = np.full(int(cls_sorted[-1]) + 1, np.iinfo(np.uint64).max, dtype=np.uint64)
+    floor_by_class[cls_sorted[starts[full]].astype(np.int64)] = kth[full]
+    row_cls = (key >> np.uint64(32)).astype(np.int64)
+    keep = np.flatnonzero(key <= floor_by_class[row_cls])
+    return table.take(pa.array(keep)), floor_by_class
+
+
 def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
-    """Stream score tables into the exact per-class top-K; returns (selection, {"rows_scored": n})."""
+    """Stream score tables into the exact per-class top-K; returns (selection, {"rows_scored": n}).
+
+    Per table: rows below a class's current K-th key cannot enter and are cut by one vectorised
+    compare; the rest join the survivors, which are cut back to K per class (plus rows tying with
+    the K-th score) with a numeric sort. One exact sort with the image-id tie-break runs at the
+    end, on at most about C*K rows. Memory: the survivors plus one table, whatever the pool size.
+    """
     survivors: pa.Table | None = None
+    floor = np.empty(0, dtype=np.uint64)  # per class: the K-th best key so far, max while < K
     rows = 0
     for table in tables:
         rows += table.num_rows
-        merged = table if survivors is None else pa.concat_tables([survivors, table.select(survivors.column_names)])
-        survivors = top_k_per_class(merged, k)
+        if table.num_rows == 0:
+            continue
+        if survivors is not None:
+            key = _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())
+            row_cls = (key >> np.uint64(32)).astype(np.int64)
+            if row_cls.max() >= len(floor):
+                floor = np.concatenate([floor, np.full(row_cls.max() + 1 - len(floor), np.iinfo(np.uint64).max,
+                                                       dtype=np.uint64)])
+            passing = np.flatnonzero(key <= floor[row_cls])
+            if len(passing) == 0:
+                continue  # nothing in this table can rank: the survivors stand
+            table = pa.concat_tables([survivors, table.select(survivors.column_names).take(pa.array(passing))])
+        survivors, floor = _keep_top_k_with_ties(table, k)
     if survivors is None:
         raise ValueError("no score files to select from")
-    return survivors, {"rows_scored": rows}
+    return top_k_per_class(survivors, k), {"rows_scored": rows}
 
 
 def selection_stats(selection: pa.Table, num_classes: int, k: int) -> dict:

@@ -73,3 +73,13 @@ def test_metrics_without_test_images_for_a_group_are_none_not_nan():
     assert m["tail_recall"] is None and m["per_class_recall"][2] is None
     assert m["top1"] == 0.5 and m["balanced_accuracy"] == 0.5
     json.dumps(m, allow_nan=False)  # valid JSON
+
+
+def test_rows_tying_with_the_kth_score_in_a_later_file_still_win_on_image_id():
+    first = pa.table({"image_id": ["m", "z"], "cls": [0, 0], "score": [0.5, 0.5], "shard": ["s", "s"]},
+                     schema=SCHEMA)
+    later = pa.table({"image_id": ["a", "y"], "cls": [0, 0], "score": [0.5, 0.4], "shard": ["s", "s"]},
+                     schema=SCHEMA)
+    sel, counts = select([first, later], k=2)
+    assert sel.column("image_id").to_pylist() == ["a", "m"]
+    assert counts["rows_scored"] == 4
