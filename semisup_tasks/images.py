@@ -27,9 +27,10 @@ Image.MAX_IMAGE_PIXELS = 40_000_000
 class ShardInfo:
     key: str
     count: int
+    sha256: str  # of the shard's bytes: caches of per-shard work (teacher scores) key on it
 
     def to_json(self) -> dict:
-        return {"key": self.key, "count": self.count}
+        return {"key": self.key, "count": self.count, "sha256": self.sha256}
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -81,8 +82,7 @@ def write_shards(
         key = join(prefix, f"{name}-{len(shards):05d}.parquet")
         ids, data, labels = zip(*batch, strict=True)
         table = pa.table({"image_id": list(ids), "image": list(data), "label": list(labels)}, schema=SCHEMA)
-        store.write_table(key, table)
-        shards.append(ShardInfo(key, len(batch)))
+        shards.append(ShardInfo(key, len(batch), store.write_table(key, table)))
         batch.clear()
 
     for row in rows:

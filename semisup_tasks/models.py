@@ -6,6 +6,7 @@ loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import torch
@@ -70,6 +71,17 @@ def checkpoint_bytes(model: nn.Module, arch: str, in_channels: int, num_classes:
     torch.save({"arch": arch, "in_channels": in_channels, "num_classes": num_classes,
                 "image_size": list(image_size), "state_dict": model.state_dict(), "extra": extra or {}}, buf)
     return buf.getvalue()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the weights alone (names, shapes, values): equal weights give equal digests,
+    whatever run or file they came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_checkpoint(data: bytes) -> tuple[nn.Module, dict]:

@@ -8,7 +8,6 @@ redoing the work, so Airflow retries and re-runs are idempotent.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -120,7 +119,7 @@ def _images_and_labels(store: Store, rows: pa.Table, label_column: str, ds: dict
 
 def _save_model(ctx: RunContext, name: str, model, arch: str, ds: dict, train_summary: dict) -> dict:
     from .evaluate import classification_metrics, tail_classes
-    from .models import checkpoint_bytes
+    from .models import checkpoint_bytes, weights_digest
     from .train import predict
 
     size = tuple(ds["image_size"])
@@ -133,7 +132,7 @@ def _save_model(ctx: RunContext, name: str, model, arch: str, ds: dict, train_su
     if len(val_y):
         tail = tail_classes(ds["splits"]["train"]["class_counts"])
         val_top1 = classification_metrics(predict(model, val_x), val_y, tail)["top1"]
-    return {"model": ctx.store.url(key), "model_key": key, "sha256": hashlib.sha256(data).hexdigest(),
+    return {"model": ctx.store.url(key), "model_key": key, "weights_sha256": weights_digest(model),
             "arch": arch, "val_top1": val_top1, "train": train_summary}
 
 
@@ -224,9 +223,10 @@ def score(ctx: RunContext, shards: list[str]) -> dict:
         raise ConfigError("The score stage needs --shards with at least one shard key.")
     ds = ctx.dataset()
     teacher = _load_model(ctx, "teacher")
+    score_keys = _score_keys(ctx, shards)
     outputs, images, rows = [], 0, 0
     for shard in shards:
-        out_key = _score_key(ctx, shard)
+        out_key = score_keys[shard]
         table = ctx.store.read_table(shard, columns=["image_id", "image"])
         scores = score_shard(teacher, table, shard, ctx.params.p, ds["channels"], tuple(ds["image_size"]))
         ctx.store.write_table(out_key, scores)  # one whole object per shard: never partial
@@ -237,17 +237,26 @@ def score(ctx: RunContext, shards: list[str]) -> dict:
     return {"outputs": outputs, "images": images, "rows": rows}
 
 
-def _score_key(ctx: RunContext, shard: str) -> str:
-    """Score files are named after the teacher's weights and P: a retrained teacher never reuses stale scores."""
-    teacher = _model_result(ctx, "teacher")["sha256"][:16]
-    return ctx.key("score", f"teacher-{teacher}-p{ctx.params.p}", shard.replace("/", "__"))
+def _score_keys(ctx: RunContext, shards: list[str]) -> dict[str, str]:
+    """Where each shard's scores live: ``cache/scores/teacher-<weights>-p<P>/<shard bytes>.parquet``.
+
+    Keyed by the teacher's weights digest and P and by the shard's content digest, so any run
+    with the same teacher reuses every score already computed (a new drop costs only its own
+    shards), and a retrained teacher or another P never reads stale scores.
+    """
+    teacher = _model_result(ctx, "teacher")["weights_sha256"][:16]
+    prefix = join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}")
+    digests = {s["key"]: s.get("sha256") for d in ctx.plan()["drops"]
+               for s in datasets.load_drop_manifest(ctx.store, d)["shards"]}
+    # a drop imported before shard digests existed: fall back to the shard's key
+    return {s: join(prefix, f"{digests.get(s) or 'key-' + s.replace('/', '__')}.parquet") for s in shards}
 
 
 def select_stage(ctx: RunContext) -> dict:
     from .select import select, selection_stats
 
     plan_ = ctx.plan()
-    keys = [_score_key(ctx, s) for g in plan_["shard_groups"] for s in g]
+    keys = list(_score_keys(ctx, [s for g in plan_["shard_groups"] for s in g]).values())
     missing = [k for k in keys if not ctx.store.exists(k)]
     if missing:
         raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
@@ -384,8 +393,9 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
     ctx = RunContext(store, run_id, pp)
     started = time.time()
     if name == "score":
-        # each score file is one atomic object; a rerun skips shards already scored
-        todo = [s for s in shards or [] if not store.exists(_score_key(ctx, s))]
+        # each score file is one atomic object; any run with this teacher skips shards already scored
+        keys = _score_keys(ctx, shards or [])
+        todo = [s for s in shards or [] if not store.exists(keys[s])]
         result = score(ctx, todo) if todo else {"outputs": [], "images": 0, "rows": 0}
         result["skipped_shards"] = len(shards or []) - len(todo)
         return result

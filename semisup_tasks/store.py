@@ -8,6 +8,7 @@ variables or profiles (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), never 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -115,10 +116,13 @@ class Store(ABC):
     def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.read_bytes(key)), columns=columns)
 
-    def write_table(self, key: str, table: pa.Table) -> None:
+    def write_table(self, key: str, table: pa.Table) -> str:
+        """Write a Parquet object; returns the sha256 of its bytes (a content fingerprint)."""
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
-        self.write_bytes(key, sink.getvalue())
+        data = sink.getvalue()
+        self.write_bytes(key, data)
+        return hashlib.sha256(data).hexdigest()
 
 
 class FileStore(Store):

@@ -62,8 +62,8 @@ def test_pipeline_end_to_end_writes_every_output(store):
     assert sel["images_scored"] == 48 and sel["rows_scored"] == 96
     assert sel["per_class_count"] == [8, 8, 8] and sel["shortfall"] == [0, 0, 0]
     assert sel["pseudo_label_precision"] is not None and sel["pseudo_label_precision"] > 0.8
-    # one score file per drop shard (24 images in shards of 10 -> 3 per drop)
-    assert len(store.list("runs/r1/score")) == 6
+    # one cached score file per drop shard (24 images in shards of 10 -> 3 per drop)
+    assert len(store.list("cache/scores")) == 6
     for name in ("report.md", "report.html", "per_class_recall.png", "selection_histogram.png"):
         assert store.exists(f"runs/r1/evaluate/{name}")
 
@@ -201,3 +201,22 @@ def test_select_says_which_score_files_are_missing(store):
     run_stage("train-teacher", store, "m", params())
     with pytest.raises(ConfigError, match="6 score file"):
         run_stage("select", store, "m", params())
+
+
+def test_a_new_drop_with_the_same_teacher_scores_only_the_new_shards(store):
+    first = params(drops=["d1"], oracle=False)
+    run_pipeline(store, "first", first)
+    d1_shards = [s["key"] for s in datasets.load_drop_manifest(store, "d1")["shards"]]
+    d2_shards = [s["key"] for s in datasets.load_drop_manifest(store, "d2")["shards"]]
+    assert len(store.list("cache/scores")) == len(d1_shards)
+
+    second = params(drops=["d1", "d2"], oracle=False)  # same seed and data: the same teacher weights
+    run_stage("plan", store, "second", second)
+    run_stage("train-teacher", store, "second", second)
+    teachers = [store.read_json(f"runs/{r}/teacher/_SUCCESS.json")["result"] for r in ("first", "second")]
+    assert teachers[0]["weights_sha256"] == teachers[1]["weights_sha256"]
+    old = run_stage("score", store, "second", second, shards=d1_shards)
+    new = run_stage("score", store, "second", second, shards=d2_shards)
+    assert old["skipped_shards"] == len(d1_shards) and old["images"] == 0
+    assert new["skipped_shards"] == 0 and new["images"] == 24
+    assert run_stage("select", store, "second", second)["selected_pairs"] == 24

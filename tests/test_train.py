@@ -67,3 +67,16 @@ def test_augmentation_keeps_shape_and_changes_pixels():
     out = augment_batch(x, "affine+flip", torch.Generator().manual_seed(0))
     assert out.shape == x.shape and not torch.equal(out, x)
     assert augment_batch(x, "none", torch.Generator()) is x
+
+
+def test_weights_digest_depends_on_weights_only():
+    from semisup_tasks.models import weights_digest
+
+    torch.manual_seed(0)
+    a = build_model("cnn_small", 1, 3, (16, 16))
+    torch.manual_seed(0)
+    b = build_model("cnn_small", 1, 3, (16, 16))
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.head[-1].bias[0] += 1e-6
+    assert weights_digest(a) != weights_digest(b)
