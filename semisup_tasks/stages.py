@@ -9,6 +9,7 @@ redoing the work, so Airflow retries and re-runs are idempotent.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -217,7 +218,7 @@ def train_labeled(ctx: RunContext, stage: str) -> dict:
 
 
 def score(ctx: RunContext, shards: list[str]) -> dict:
-    from .score import score_shard
+    from .score import score_shards
 
     if not shards:
         raise ConfigError("The score stage needs --shards with at least one shard key.")
@@ -225,15 +226,15 @@ def score(ctx: RunContext, shards: list[str]) -> dict:
     teacher = _load_model(ctx, "teacher")
     score_keys = _score_keys(ctx, shards)
     outputs, images, rows = [], 0, 0
-    for shard in shards:
-        out_key = score_keys[shard]
-        table = ctx.store.read_table(shard, columns=["image_id", "image"])
-        scores = score_shard(teacher, table, shard, ctx.params.p, ds["channels"], tuple(ds["image_size"]))
-        ctx.store.write_table(out_key, scores)  # one whole object per shard: never partial
-        outputs.append(ctx.store.url(out_key))
-        images += table.num_rows
+    for shard, scores in score_shards(teacher, ctx.store, shards, ctx.params.p, ds["channels"],
+                                      tuple(ds["image_size"]), workers=min(4, os.cpu_count() or 1)):
+        ctx.store.write_table(score_keys[shard], scores)  # one whole object per shard: never partial
+        outputs.append(ctx.store.url(score_keys[shard]))
+        images += scores.num_rows // ctx.params.p
         rows += scores.num_rows
-        log.info("scored %s: %d images", shard, table.num_rows)
+        log.info("scored %s: %d images", shard, scores.num_rows // ctx.params.p)
+    if len(outputs) != len(shards):
+        raise RuntimeError(f"scored {len(outputs)} of {len(shards)} shards; the others yielded no image")
     return {"outputs": outputs, "images": images, "rows": rows}
 
 
