@@ -5,12 +5,12 @@ The pipeline of Yalniz et al., *Billion-scale semi-supervised learning for image
 classification* (2019), over the object store given by the `store` param:
 
 1. **plan** — resolve the labeled dataset version and the unlabeled drops; split the drop
-   shards into groups (`shards_per_task` shards each).
+   shards into groups (`shards_per_task` shards each, at most `max_score_tasks` groups).
 2. **train_teacher** — train the teacher on the labeled set. In parallel **train_baseline**
    (the student architecture on labeled data only) and **train_oracle** (the student on the
    pool's true labels, when the store has them).
-3. **score** — one mapped task per shard group (labelled by its shard keys): the teacher keeps
-   each image's top-`p` classes and scores.
+3. **score** — one mapped task per shard group: the teacher keeps each image's top-`p` classes
+   and scores (cached by teacher weights and shard content, so later runs reuse them).
 4. **select** — per class, the `k` best-scored images (ties: score desc, image id asc).
 5. **pretrain_student** on the selected set, then **finetune_student** on the labeled set.
 6. **evaluate** — top-1/top-5, per-class and head/tail recall for teacher, baseline, student
@@ -28,7 +28,7 @@ import os
 from datetime import timedelta
 
 from airflow.sdk import DAG
-from semisup_operator import SHARDS_MAP_INDEX_TEMPLATE, SemisupStageOperator, shard_groups
+from semisup_operator import GROUP_MAP_INDEX_TEMPLATE, SemisupStageOperator, score_groups
 from semisup_params import pipeline_params
 
 SCORE_PARALLELISM = int(os.environ.get("SEMISUP_SCORE_PARALLELISM", "4"))
@@ -52,13 +52,13 @@ with DAG(
     teacher = SemisupStageOperator(task_id="train_teacher", stage="train-teacher")
     baseline = SemisupStageOperator(task_id="train_baseline", stage="train-baseline")
     oracle = SemisupStageOperator(task_id="train_oracle", stage="train-oracle")
-    # Airflow 3.3 cannot map over plan.output["shard_groups"] (custom XCom key), hence shard_groups.
+    # one mapped task per shard group; the groups' shard keys stay in the store, not in XCom
     score = SemisupStageOperator.partial(
         task_id="score",
         stage="score",
-        map_index_template=SHARDS_MAP_INDEX_TEMPLATE,
+        map_index_template=GROUP_MAP_INDEX_TEMPLATE,
         max_active_tis_per_dagrun=SCORE_PARALLELISM,
-    ).expand(shards=shard_groups(plan.output))
+    ).expand(group=score_groups(plan.output))
     select = SemisupStageOperator(task_id="select", stage="select")
     pretrain = SemisupStageOperator(task_id="pretrain_student", stage="pretrain-student")
     finetune = SemisupStageOperator(task_id="finetune_student", stage="finetune-student")

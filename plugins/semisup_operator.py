@@ -14,9 +14,9 @@ Construction is cheap (no I/O, no torch). At run time the operator:
 Exit status 2 from the stage (a user error: bad params, missing dataset) raises
 ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
 
-Note: Airflow 3.3 refuses to ``expand()`` over an XCom with a custom key ("cannot map over XCom
-with custom key"); map over :func:`shard_groups` instead, which returns the plan's
-``shard_groups`` as a task's return value.
+The score stage is mapped over group indices: :func:`score_groups` turns the plan's group count
+into ``[0, 1, ...]`` (Airflow 3.3 cannot map over a custom XCom key, and the shard keys
+themselves stay in the store, since at scale they would be far too big for XCom).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ if TYPE_CHECKING:
 
 STORE_PARAM = "store"
 REPORT_TASK_STAGE = "evaluate"
-#: Label mapped score tasks by their shard keys in the UI (pass to ``.partial(map_index_template=...)``).
-SHARDS_MAP_INDEX_TEMPLATE = "{{ task.shards | join(', ') if task.shards else '' }}"
+#: Label mapped score tasks by their shard group in the UI (pass to ``.partial(map_index_template=...)``).
+GROUP_MAP_INDEX_TEMPLATE = "shard group {{ task.group }}"
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
@@ -92,15 +92,16 @@ class SemisupStageOperator(BaseOperator):
     """Run one semisup pipeline stage and return its result document.
 
     :param stage: stage name, e.g. ``plan``, ``train-teacher``, ``score``, ``evaluate``.
-    :param shards: shard keys for the ``score`` stage (mappable:
-        ``SemisupStageOperator.partial(...).expand(shards=...)``).
+    :param shards: shard keys for the ``score`` stage.
+    :param group: index of one of the plan's shard groups for the ``score`` stage (mappable:
+        ``SemisupStageOperator.partial(...).expand(group=score_groups(plan.output))``).
     :param store: store root URI; defaults to the DAG run's ``store`` param. A relative
         ``file://`` URI is made absolute against the worker's working directory.
     :param runner: where the stage runs: ``local`` (a subprocess of the worker). ``docker``
         and ``kubernetes`` are planned.
     """
 
-    template_fields = ("shards", "store")
+    template_fields = ("shards", "group", "store")
     ui_color = "#e8f1fb"
 
     def __init__(
@@ -108,6 +109,7 @@ class SemisupStageOperator(BaseOperator):
         *,
         stage: str,
         shards: list[str] | None = None,
+        group: int | None = None,
         store: str | None = None,
         runner: str = "local",
         **kwargs: Any,
@@ -118,6 +120,7 @@ class SemisupStageOperator(BaseOperator):
         check_runner(runner)
         self.stage = stage
         self.shards = shards
+        self.group = group
         self.store = store
         self.runner = runner
         self._active_runner: StageRunner | None = None
@@ -144,14 +147,16 @@ class SemisupStageOperator(BaseOperator):
         except ConfigError as exc:
             raise AirflowFailException(f"Bad pipeline parameters: {exc}") from None
         shards = None if self.shards is None else [str(s) for s in _as_list(self.shards)]
+        group = None if self.group is None else int(self.group)
         return StageRequest(stage=self.stage, store=resolve_store(str(store)), run_id=context["run_id"],
-                            params=pipeline.to_dict(), shards=shards)
+                            params=pipeline.to_dict(), shards=shards, group=group)
 
     # -- Airflow hooks -------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         request = self.build_request(context)
-        self.log.info("Stage %s, store %s, run %s, runner %s%s", request.stage, request.store,
-                      request.run_id, self.runner, f", shards {request.shards}" if request.shards else "")
+        self.log.info("Stage %s, store %s, run %s, runner %s%s%s", request.stage, request.store,
+                      request.run_id, self.runner, f", shards {request.shards}" if request.shards else "",
+                      f", shard group {request.group}" if request.group is not None else "")
         self._active_runner = get_runner(self.runner)
         try:
             result = self._active_runner.run(request, self.log)
@@ -175,10 +180,10 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
-@task(task_id="shard_groups")
-def shard_groups(plan_result: dict[str, Any]) -> list[list[str]]:
-    """The plan's shard groups as a task return value, so ``score`` can be mapped over it."""
-    groups = plan_result.get("shard_groups") if isinstance(plan_result, dict) else None
-    if not isinstance(groups, list):
-        raise AirflowFailException("The plan result has no 'shard_groups' list.")
-    return [list(group) if isinstance(group, (list, tuple)) else [group] for group in groups]
+@task(task_id="score_groups")
+def score_groups(plan_result: dict[str, Any]) -> list[int]:
+    """``[0, 1, ..., n-1]`` for the plan's n shard groups, so ``score`` can be mapped over them."""
+    count = plan_result.get("score_groups") if isinstance(plan_result, dict) else None
+    if not isinstance(count, int) or count < 0:
+        raise AirflowFailException("The plan result has no 'score_groups' count.")
+    return list(range(count))

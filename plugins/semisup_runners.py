@@ -46,6 +46,7 @@ class StageRequest:
     run_id: str
     params: dict[str, Any]
     shards: list[str] | None = field(default=None)
+    group: int | None = field(default=None)  # index of one of the plan's shard groups (score)
 
     def cli_args(self, result_file: str) -> list[str]:
         """Arguments after ``python -m semisup_tasks`` (identical for every runner)."""
@@ -53,6 +54,8 @@ class StageRequest:
                 "--params-json", json.dumps(self.params, sort_keys=True)]
         if self.shards is not None:
             args += ["--shards", *self.shards]
+        if self.group is not None:
+            args += ["--group", str(self.group)]
         return [*args, "--result-file", result_file]
 
 

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True)
     p.add_argument("--params-json", default="{}", help="pipeline params as a JSON object")
     p.add_argument("--shards", nargs="*", default=None, help="shard keys (score stage)")
+    p.add_argument("--group", type=int, default=None, help="index of one of the plan's shard groups (score stage)")
     p.add_argument("--result-file", default=None)
 
     p = sub.add_parser("run", help="run the whole pipeline in this process, without Airflow")
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stage":
             from .stages import run_stage
 
-            _emit(run_stage(args.name, store, args.run_id, _params(args.params_json), shards=args.shards),
-                  args.result_file)
+            _emit(run_stage(args.name, store, args.run_id, _params(args.params_json), shards=args.shards,
+                            group=args.group), args.result_file)
         elif args.command == "run":
             from .stages import run_pipeline
 

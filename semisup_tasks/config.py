@@ -45,7 +45,11 @@ class PipelineParams:
     k: int = _p(250, "Images kept per class (top-K).", "Selection", type="integer", minimum=1)
     p: int = _p(3, "Classes kept per image (top-P); must not exceed the number of classes.", "Selection",
                 type="integer", minimum=1)
-    shards_per_task: int = _p(2, "Drop shards scored by one mapped task.", "Selection", type="integer", minimum=1)
+    max_score_tasks: int = _p(512, "At most this many mapped score tasks: larger pools get larger shard groups "
+                                   "(Airflow's max_map_length is 1024).", "Selection", type="integer", minimum=1,
+                              maximum=1024)
+    shards_per_task: int = _p(2, "Drop shards scored by one mapped task (at least; see max_score_tasks).",
+                              "Selection", type="integer", minimum=1)
     # training
     teacher_epochs: int = _p(40, "Teacher epochs on the labeled train split.", "Training", type="integer", minimum=1)
     pretrain_epochs: int = _p(10, "Student pre-training epochs on the selected set.", "Training",
@@ -97,6 +101,8 @@ def _check(name: str, value: Any, schema: dict[str, Any]) -> Any:
         raise ConfigError(f"Parameter {name} must be one of {', '.join(schema['enum'])}, got {value!r}.")
     if "minimum" in schema and value < schema["minimum"]:
         raise ConfigError(f"Parameter {name} must be at least {schema['minimum']}, got {value!r}.")
+    if "maximum" in schema and value > schema["maximum"]:
+        raise ConfigError(f"Parameter {name} must be at most {schema['maximum']}, got {value!r}.")
     if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
         raise ConfigError(f"Parameter {name} must be greater than {schema['exclusiveMinimum']}, got {value!r}.")
     if schema.get("minLength") and len(value) < schema["minLength"]:

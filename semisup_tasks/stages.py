@@ -57,6 +57,11 @@ class RunContext:
             raise ConfigError(f"Run {self.run_id!r} has no plan in {self.store.uri}; run the plan stage first.")
         return result
 
+    def shard_groups(self) -> list[list[str]]:
+        """The plan's groups of drop shards, one per mapped score task (kept in the store, not XCom)."""
+        self.plan()
+        return self.store.read_json(self.key("plan", "shard_groups.json"))
+
     def dataset(self) -> dict:
         plan = self.plan()
         return datasets.load_dataset_manifest(self.store, plan["dataset"], plan["dataset_version"])
@@ -173,7 +178,7 @@ def _gather_images(store: Store, rows: pa.Table, channels: int, size: tuple[int,
 def _pool_rows(ctx: RunContext) -> pa.Table:
     """(image_id, shard) of every image in the run's drops, from the shards themselves."""
     tables = []
-    for group in ctx.plan()["shard_groups"]:
+    for group in ctx.shard_groups():
         for shard in group:
             ids = ctx.store.read_table(shard, columns=["image_id"]).column("image_id")
             tables.append(pa.table({"image_id": ids, "shard": pa.array([shard] * len(ids), pa.string())}))
@@ -201,10 +206,14 @@ def plan(ctx: RunContext) -> dict:
         raise ConfigError(f"The store {ctx.store.uri} has no unlabeled drop; add one with `semisup import-drop`.")
     manifests = [datasets.load_drop_manifest(ctx.store, d) for d in drop_ids]
     shards = [s["key"] for m in manifests for s in m["shards"]]
-    groups = [shards[i:i + p.shards_per_task] for i in range(0, len(shards), p.shards_per_task)]
+    size = max(p.shards_per_task, -(-len(shards) // p.max_score_tasks))  # bounded mapped-task count
+    groups = [shards[i:i + size] for i in range(0, len(shards), size)]
+    # the shard keys stay in the store: at 10^9 images they would be far too big for XCom
+    ctx.store.write_json(ctx.key("plan", "shard_groups.json"), groups)
     # true labels count only when every drop has them: a partial truth would make a partial oracle
     truth = all(ctx.store.exists(datasets.truth_key(d)) for d in drop_ids)
-    return {"dataset": ds["name"], "dataset_version": ds["version"], "drops": drop_ids, "shard_groups": groups,
+    return {"dataset": ds["name"], "dataset_version": ds["version"], "drops": drop_ids,
+            "score_groups": len(groups), "shards_per_group": size, "shards": len(shards),
             "images": sum(m["count"] for m in manifests), "truth": truth, "oracle": bool(p.oracle and truth)}
 
 
@@ -256,8 +265,7 @@ def _score_keys(ctx: RunContext, shards: list[str]) -> dict[str, str]:
 def select_stage(ctx: RunContext) -> dict:
     from .select import select, selection_stats
 
-    plan_ = ctx.plan()
-    keys = list(_score_keys(ctx, [s for g in plan_["shard_groups"] for s in g]).values())
+    keys = list(_score_keys(ctx, [s for g in ctx.shard_groups() for s in g]).values())
     missing = [k for k in keys if not ctx.store.exists(k)]
     if missing:
         raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
@@ -386,14 +394,23 @@ STAGES: dict[str, Callable[..., dict]] = {
 STAGE_DIRS = {"plan": "plan", "select": "select", "evaluate": "evaluate", **MODEL_STAGES}
 
 
-def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[str] | None = None) -> dict:
-    """Run one stage, or return its recorded result when it already ran with the same params."""
+def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[str] | None = None,
+              group: int | None = None) -> dict:
+    """Run one stage, or return its recorded result when it already ran with the same params.
+
+    The score stage takes its shards as keys, or as the index of one of the plan's shard groups.
+    """
     if name not in STAGES:
         raise ConfigError(f"Unknown stage {name!r}; stages are {', '.join(STAGES)}.")
     pp = PipelineParams.from_dict(params)
     ctx = RunContext(store, run_id, pp)
     started = time.time()
     if name == "score":
+        if group is not None:
+            groups = ctx.shard_groups()
+            if not 0 <= group < len(groups):
+                raise ConfigError(f"Score group {group} does not exist; the plan has groups 0 to {len(groups) - 1}.")
+            shards = groups[group]
         # each score file is one atomic object; any run with this teacher skips shards already scored
         keys = _score_keys(ctx, shards or [])
         todo = [s for s in shards or [] if not store.exists(keys[s])]
@@ -415,8 +432,8 @@ def run_pipeline(store: Store, run_id: str, params: dict) -> dict:
     results = {"plan": run_stage("plan", store, run_id, params)}
     for name in ("train-teacher", "train-baseline", "train-oracle"):
         results[name] = run_stage(name, store, run_id, params)
-    results["score"] = [run_stage("score", store, run_id, params, shards=g)
-                        for g in results["plan"]["shard_groups"]]
+    results["score"] = [run_stage("score", store, run_id, params, group=g)
+                        for g in range(results["plan"]["score_groups"])]
     for name in ("select", "pretrain-student", "finetune-student", "evaluate"):
         results[name] = run_stage(name, store, run_id, params)
     return results["evaluate"]

@@ -3,6 +3,8 @@ its determinism, idempotent reruns, and the errors a user can cause."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,8 +78,7 @@ def test_same_seed_same_numbers_and_reruns_are_noops(store):
     again = run_stage("finetune-student", store, "a", params(oracle=False))
     assert again["model"].endswith("runs/a/student/model.pt")
     assert store.read_bytes("runs/a/student/model.pt") == before  # recorded result, no retraining
-    shard = store.read_json("runs/a/plan/_SUCCESS.json")["result"]["shard_groups"][0]
-    assert run_stage("score", store, "a", params(oracle=False), shards=shard)["skipped_shards"] == 1
+    assert run_stage("score", store, "a", params(oracle=False), group=0)["skipped_shards"] == 1
 
 
 def test_different_seed_changes_the_weights(store):
@@ -144,8 +145,6 @@ def test_stages_out_of_order_say_what_to_run_first(store):
 
 
 def test_cli_stage_writes_result_file_and_exit_2_on_user_error(store, tmp_path, capsys):
-    import json
-
     from semisup_tasks.cli import main
 
     out = tmp_path / "result.json"
@@ -220,3 +219,15 @@ def test_a_new_drop_with_the_same_teacher_scores_only_the_new_shards(store):
     assert old["skipped_shards"] == len(d1_shards) and old["images"] == 0
     assert new["skipped_shards"] == 0 and new["images"] == 24
     assert run_stage("select", store, "second", second)["selected_pairs"] == 24
+
+
+def test_plan_bounds_the_number_of_score_tasks_and_keeps_shard_keys_out_of_its_result(store):
+    result = run_stage("plan", store, "g", params(max_score_tasks=4))  # 6 shards, 1 per task wanted
+    assert result["score_groups"] == 3 and result["shards_per_group"] == 2 and result["shards"] == 6
+    assert "drops/" not in json.dumps(result)
+    groups = store.read_json("runs/g/plan/shard_groups.json")
+    assert [len(g) for g in groups] == [2, 2, 2]
+    run_stage("train-teacher", store, "g", params(max_score_tasks=4))
+    assert run_stage("score", store, "g", params(max_score_tasks=4), group=2)["images"] == 14  # d2: 10 + 4
+    with pytest.raises(ConfigError, match="Score group 3 does not exist"):
+        run_stage("score", store, "g", params(max_score_tasks=4), group=3)

@@ -63,8 +63,8 @@ def test_retrain_dag_wiring(retrain_dag):
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["plan"] == set()
     assert up["train_teacher"] == up["train_baseline"] == up["train_oracle"] == {"plan"}
-    assert up["shard_groups"] == {"plan"}
-    assert up["score"] == {"shard_groups", "train_teacher"}
+    assert up["score_groups"] == {"plan"}
+    assert up["score"] == {"score_groups", "train_teacher"}
     assert up["select"] == {"score"}
     assert up["pretrain_student"] == {"select"}
     assert up["finetune_student"] == {"pretrain_student"}
@@ -75,15 +75,15 @@ def test_retrain_dag_wiring(retrain_dag):
     assert stages["evaluate"] == "evaluate"
 
 
-def test_score_is_mapped_over_plan_shard_groups(retrain_dag):
+def test_score_is_mapped_over_the_plan_s_shard_group_indices(retrain_dag):
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
     score = retrain_dag.get_task("score")
     assert isinstance(score, MappedOperator)
     assert score.partial_kwargs["max_active_tis_per_dagrun"] >= 1
-    assert "task.shards" in score.partial_kwargs["map_index_template"]
+    assert "task.group" in score.partial_kwargs["map_index_template"]
     (arg,) = score.expand_input.value.values()
-    assert arg.operator.task_id == "shard_groups" and arg.key == "return_value"
+    assert arg.operator.task_id == "score_groups" and arg.key == "return_value"
 
 
 def test_report_link_only_on_evaluate(retrain_dag):

@@ -77,6 +77,7 @@ def test_cli_args_follow_the_stage_contract():
         "--shards", "d1/0", "d1/1", "--result-file", "/tmp/r.json",
     ]
     assert "--shards" not in request().cli_args("r.json")
+    assert request(stage="score", group=3).cli_args("r.json")[-4:] == ["--group", "3", "--result-file", "r.json"]
 
 
 def test_relative_file_stores_become_absolute(tmp_path):
@@ -162,13 +163,13 @@ def test_local_runner_kill_stops_the_stage():
 def test_operator_returns_the_result_document_and_pushes_nothing_else(monkeypatch, tmp_path):
     class Fixed(LocalRunner):
         def run(self, request, log):
-            return {"dataset": "mnist-demo", "shard_groups": [["d/0"], ["d/1"]], "images": 10}
+            return {"dataset": "mnist-demo", "score_groups": 2, "images": 10}
 
     monkeypatch.setitem(semisup_runners.RUNNERS, "local", Fixed)
     op = SemisupStageOperator(task_id="plan", stage="plan")
     ctx = make_context(f"file://{tmp_path}")
     result = op.execute(ctx)
-    assert result["shard_groups"] == [["d/0"], ["d/1"]]
+    assert result["score_groups"] == 2
     assert ctx["ti"].pushed == {}  # only the return value travels through XCom
 
 
