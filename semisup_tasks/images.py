@@ -101,3 +101,23 @@ def decode_table(table: pa.Table, channels: int, size: tuple[int, int]) -> np.nd
     for i, data in enumerate(images):
         out[i] = decode(data, channels, size)
     return out
+
+
+def thumbnail_grid(rows: list[np.ndarray], scale: int = 1) -> bytes:
+    """PNG of a grid: one row per list entry, each a uint8 NxCxHxW array of images side by side."""
+    n_cols = max((len(r) for r in rows), default=0)
+    if not rows or n_cols == 0:
+        raise ValueError("no images for the grid")
+    channels, height, width = next(r for r in rows if len(r)).shape[1:]
+    pad = 2
+    grid = np.full((len(rows) * (height + pad), n_cols * (width + pad), channels), 128, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = i * (height + pad), j * (width + pad)
+            grid[y:y + height, x:x + width] = img.transpose(1, 2, 0)
+    pil = Image.fromarray(grid[:, :, 0] if channels == 1 else grid)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()

@@ -275,6 +275,8 @@ def select_stage(ctx: RunContext) -> dict:
     stats = selection_stats(selection, num_classes, ctx.params.k)
     stats.update(p=ctx.params.p, rows_scored=counts["rows_scored"], images_scored=counts["rows_scored"] // ctx.params.p)
     ctx.store.write_table(ctx.key("select", "selection.parquet"), selection)
+    if selection.num_rows:
+        stats["samples"] = _write_samples(ctx, selection, num_classes)
     ctx.store.write_json(ctx.key("select", "stats.json"), stats)
     short = sum(1 for s in stats["shortfall"] if s)
     log.info("selected %d pairs (%d images); %d classes short of K", stats["selected_pairs"],
@@ -282,6 +284,38 @@ def select_stage(ctx: RunContext) -> dict:
     return {"selection": ctx.store.url(ctx.key("select", "selection.parquet")),
             "selected_pairs": stats["selected_pairs"], "unique_images": stats["unique_images"],
             "classes_short": short}
+
+
+SAMPLES_PER_END = 4  # per class: the most confident picks and the ones just above the threshold
+SAMPLE_GRID_CLASSES = 20
+
+
+def _write_samples(ctx: RunContext, selection: pa.Table, num_classes: int) -> dict:
+    """Thumbnails of each class's selected images for a person to eyeball pseudo-label quality:
+    ``select/samples/class-<c>.png`` (best picks, then the picks nearest the class threshold) and
+    ``select/samples.png`` (the first classes, one row each)."""
+    from .images import thumbnail_grid
+
+    ds = ctx.dataset()
+    cls = selection.column("cls").to_numpy()  # sorted by class, then rank
+    picks = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(cls == c)
+        picks.append(np.unique(np.r_[rows[:SAMPLES_PER_END], rows[-SAMPLES_PER_END:]]) if len(rows) else rows)
+    chosen = np.concatenate(picks)
+    images = _gather_images(ctx.store, selection.take(pa.array(chosen)), ds["channels"], tuple(ds["image_size"]))
+    by_class, start = [], 0
+    for rows in picks:
+        by_class.append(images[start:start + len(rows)])
+        start += len(rows)
+    scale = max(1, 64 // max(ds["image_size"]))
+    for c, imgs in enumerate(by_class):
+        if len(imgs):
+            ctx.store.write_bytes(ctx.key("select", "samples", f"class-{c}.png"), thumbnail_grid([imgs], scale))
+    ctx.store.write_bytes(ctx.key("select", "samples.png"),
+                          thumbnail_grid(by_class[:SAMPLE_GRID_CLASSES], scale))
+    return {"grid": ctx.store.url(ctx.key("select", "samples.png")),
+            "per_class": ctx.store.url(ctx.key("select", "samples"))}
 
 
 def pretrain_student(ctx: RunContext) -> dict:

@@ -3,6 +3,7 @@ its determinism, idempotent reruns, and the errors a user can cause."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -68,6 +69,12 @@ def test_pipeline_end_to_end_writes_every_output(store):
     assert len(store.list("cache/scores")) == 6
     for name in ("report.md", "report.html", "per_class_recall.png", "selection_histogram.png"):
         assert store.exists(f"runs/r1/evaluate/{name}")
+    # thumbnails of each class's picks for a person to check: 8 per class (4 best, 4 at the threshold)
+    from PIL import Image
+
+    grid = Image.open(io.BytesIO(store.read_bytes("runs/r1/select/samples.png")))
+    assert grid.size == (8 * 14 * 5, 3 * 14 * 5)  # 12px images + 2px gaps, scaled x5; 3 classes
+    assert store.list("runs/r1/select/samples") == [f"runs/r1/select/samples/class-{c}.png" for c in range(3)]
 
 
 def test_same_seed_same_numbers_and_reruns_are_noops(store):
