@@ -24,6 +24,7 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 RECALL_PLOT = "per_class_recall.png"
 SELECTION_PLOT = "selection_histogram.png"
+SAMPLES_IMAGE = "selection_samples.png"
 
 MODEL_ORDER = ("teacher", "baseline", "student_pretrained", "student", "oracle")
 MODEL_COLORS = {"teacher": "#4c72b0", "baseline": "#8c8c8c", "student_pretrained": "#dd8452",
@@ -224,6 +225,9 @@ def report_blocks(metrics: dict) -> list[Block]:
                    ("table", header, rows, ["l" if h in text_align else "r" for h in header])]
     blocks += [("h2", "Plots"), ("img", RECALL_PLOT, "per-class recall"),
                ("img", SELECTION_PLOT, "selected images per class")]
+    if (metrics.get("selection") or {}).get("samples"):
+        blocks += [("p", "Selected images, one row per class: the four most confident picks, then the four "
+                         "nearest the class threshold."), ("img", SAMPLES_IMAGE, "selected image samples")]
     params = metrics.get("params") or {}
     if params:
         blocks += [("h2", "Parameters"),
@@ -431,7 +435,7 @@ def report_prefix(run_id: str) -> str:
     return join(run_prefix(run_id), EVALUATE_DIR)
 
 
-def write_report(store: Store, run_id: str, metrics: dict) -> dict[str, str]:
+def write_report(store: Store, run_id: str, metrics: dict, samples: bytes | None = None) -> dict[str, str]:
     """Write metrics.json, the two plots, report.md and report.html under ``runs/<run_id>/evaluate/``.
 
     Returns ``{file name: URI}`` for the five files. The metrics and plots are written before the
@@ -447,6 +451,8 @@ def write_report(store: Store, run_id: str, metrics: dict) -> dict[str, str]:
 
     put(METRICS, json.dumps(metrics, indent=2, sort_keys=True).encode())
     images = {RECALL_PLOT: plot_per_class_recall(metrics), SELECTION_PLOT: plot_selection_histogram(metrics)}
+    if samples is not None:  # thumbnails of the selection, drawn by the select stage
+        images[SAMPLES_IMAGE] = samples
     for name, data in images.items():
         put(name, data)
     put(REPORT_MD, render_markdown(metrics).encode())

@@ -394,7 +394,9 @@ def evaluate_stage(ctx: RunContext) -> dict:
         "selection": selection_stats,
         "params": ctx.params.to_dict(),
     }
-    files = write_report(ctx.store, ctx.run_id, metrics)
+    samples_key = ctx.key("select", "samples.png")
+    samples = ctx.store.read_bytes(samples_key) if ctx.store.exists(samples_key) else None
+    files = write_report(ctx.store, ctx.run_id, metrics, samples=samples)
     summary = {name: {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "tail_recall")}
                for name, m in models.items()}
     return {"metrics": files.get("metrics.json"), "report": files.get("report.html"), "summary": summary}
