@@ -8,6 +8,7 @@ writes one complete object per shard and a failure never loses the shards alread
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,12 +33,24 @@ def top_p(logits: torch.Tensor, p: int) -> tuple[np.ndarray, np.ndarray]:
     return classes.cpu().numpy().astype(np.int32), scores.cpu().numpy().astype(np.float32)
 
 
+def scoring_precision(device: str | None = None) -> str:
+    """The arithmetic scores are computed in: part of the score cache key."""
+    return "bf16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "fp32"
+
+
 @dataclass(frozen=True)
 class Batch:
     shard: str
     batches_in_shard: int
     ids: list[str]
     images: torch.Tensor  # uint8 N x C x H x W
+
+    def pin_memory(self) -> Batch:  # called by the DataLoader's pin-memory thread
+        return dataclasses.replace(self, images=self.images.pin_memory())
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch  # module level, so the DataLoader also works with the spawn start method
 
 
 class ShardBatches(IterableDataset):
@@ -70,12 +83,14 @@ def score_shards(model: nn.Module, store: Store, shards: list[str], p: int, chan
                  device: str | None = None) -> Iterator[tuple[str, pa.Table]]:
     """Yield (shard key, long-format score table) per shard, one row per (image, top-P class)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shards = list(dict.fromkeys(shards))  # one worker per shard: a repeated key would mix two scorings
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     loader = DataLoader(ShardBatches(store.uri, shards, channels, image_size, batch_size), batch_size=None,
                         num_workers=min(workers, len(shards)), pin_memory=device == "cuda",
-                        collate_fn=lambda b: b, persistent_workers=False)
+                        collate_fn=_as_is)
     pending: dict[str, list[tuple[list[str], np.ndarray, np.ndarray]]] = {}
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+    bf16 = scoring_precision(device) == "bf16"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         for batch in loader:
             x = batch.images.to(device, non_blocking=True)
             logits = model(prepare(x).contiguous(memory_format=torch.channels_last))

@@ -85,6 +85,10 @@ def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
                 continue  # nothing in this table can rank: the survivors stand
             table = pa.concat_tables([survivors, table.select(survivors.column_names).take(pa.array(passing))])
         survivors, floor = _keep_top_k_with_ties(table, k)
+        if survivors.num_rows > 2 * k * len(floor):
+            # many rows tie at K-th scores (saturated softmax): settle the ties by image id now, so
+            # memory stays O(C*K); exact, since a tied row with a larger id can never re-enter
+            survivors = top_k_per_class(survivors, k)
     if survivors is None:
         raise ValueError("no score files to select from")
     return top_k_per_class(survivors, k), {"rows_scored": rows}

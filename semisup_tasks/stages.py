@@ -248,14 +248,18 @@ def score(ctx: RunContext, shards: list[str]) -> dict:
 
 
 def _score_keys(ctx: RunContext, shards: list[str]) -> dict[str, str]:
-    """Where each shard's scores live: ``cache/scores/teacher-<weights>-p<P>/<shard bytes>.parquet``.
+    """Where each shard's scores live: ``cache/scores/teacher-<arch>-<weights>-p<P>-<precision>/<sha>.parquet``.
 
     Keyed by the teacher's weights digest and P and by the shard's content digest, so any run
     with the same teacher reuses every score already computed (a new drop costs only its own
     shards), and a retrained teacher or another P never reads stale scores.
     """
-    teacher = _model_result(ctx, "teacher")["weights_sha256"][:16]
-    prefix = join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}")
+    from .score import scoring_precision
+
+    trained = _model_result(ctx, "teacher")
+    teacher = f"{trained['arch']}-{trained['weights_sha256'][:16]}"
+    # bf16 on GPU and fp32 on CPU give slightly different scores: never mix them in one selection
+    prefix = join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}-{scoring_precision()}")
     digests = {s["key"]: s.get("sha256") for d in ctx.plan()["drops"]
                for s in datasets.load_drop_manifest(ctx.store, d)["shards"]}
     # a drop imported before shard digests existed: fall back to the shard's key
@@ -275,8 +279,7 @@ def select_stage(ctx: RunContext) -> dict:
     stats = selection_stats(selection, num_classes, ctx.params.k)
     stats.update(p=ctx.params.p, rows_scored=counts["rows_scored"], images_scored=counts["rows_scored"] // ctx.params.p)
     ctx.store.write_table(ctx.key("select", "selection.parquet"), selection)
-    if selection.num_rows:
-        stats["samples"] = _write_samples(ctx, selection, num_classes)
+    stats["samples"] = _write_samples(ctx, selection)
     ctx.store.write_json(ctx.key("select", "stats.json"), stats)
     short = sum(1 for s in stats["shortfall"] if s)
     log.info("selected %d pairs (%d images); %d classes short of K", stats["selected_pairs"],
@@ -287,35 +290,36 @@ def select_stage(ctx: RunContext) -> dict:
 
 
 SAMPLES_PER_END = 4  # per class: the most confident picks and the ones just above the threshold
-SAMPLE_GRID_CLASSES = 20
+SAMPLE_GRID_CLASSES = 20  # rows of the grid: enough to eyeball, few shard reads even with 10^4 classes
 
 
-def _write_samples(ctx: RunContext, selection: pa.Table, num_classes: int) -> dict:
-    """Thumbnails of each class's selected images for a person to eyeball pseudo-label quality:
-    ``select/samples/class-<c>.png`` (best picks, then the picks nearest the class threshold) and
-    ``select/samples.png`` (the first classes, one row each)."""
+def _write_samples(ctx: RunContext, selection: pa.Table) -> dict | None:
+    """``select/samples.png``: for the first classes that have picks, one row each of the most
+    confident picks and the picks nearest the class threshold, for a person to eyeball
+    pseudo-label quality. Best effort: thumbnails never fail a selection."""
     from .images import thumbnail_grid
 
-    ds = ctx.dataset()
-    cls = selection.column("cls").to_numpy()  # sorted by class, then rank
-    picks = []
-    for c in range(num_classes):
-        rows = np.flatnonzero(cls == c)
-        picks.append(np.unique(np.r_[rows[:SAMPLES_PER_END], rows[-SAMPLES_PER_END:]]) if len(rows) else rows)
-    chosen = np.concatenate(picks)
-    images = _gather_images(ctx.store, selection.take(pa.array(chosen)), ds["channels"], tuple(ds["image_size"]))
-    by_class, start = [], 0
-    for rows in picks:
-        by_class.append(images[start:start + len(rows)])
-        start += len(rows)
-    scale = max(1, 64 // max(ds["image_size"]))
-    for c, imgs in enumerate(by_class):
-        if len(imgs):
-            ctx.store.write_bytes(ctx.key("select", "samples", f"class-{c}.png"), thumbnail_grid([imgs], scale))
-    ctx.store.write_bytes(ctx.key("select", "samples.png"),
-                          thumbnail_grid(by_class[:SAMPLE_GRID_CLASSES], scale))
-    return {"grid": ctx.store.url(ctx.key("select", "samples.png")),
-            "per_class": ctx.store.url(ctx.key("select", "samples"))}
+    ctx.store.delete(ctx.key("select", "samples.png"))  # never show an earlier selection's picks
+    try:
+        ds = ctx.dataset()
+        cls = selection.column("cls").to_numpy()  # sorted by class, then rank
+        picks = []
+        for c in np.unique(cls)[:SAMPLE_GRID_CLASSES]:
+            rows = np.flatnonzero(cls == c)
+            picks.append(np.unique(np.r_[rows[:SAMPLES_PER_END], rows[-SAMPLES_PER_END:]]))
+        if not picks:
+            return None
+        rows = selection.take(pa.array(np.concatenate(picks)))
+        images = _gather_images(ctx.store, rows, ds["channels"], tuple(ds["image_size"]))
+        bounds = np.cumsum([0] + [len(p) for p in picks])
+        grid = thumbnail_grid([images[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+                              scale=max(1, 64 // max(ds["image_size"])))
+        ctx.store.write_bytes(ctx.key("select", "samples.png"), grid)
+        return {"grid": ctx.store.url(ctx.key("select", "samples.png")),
+                "classes": [int(cls[p[0]]) for p in picks]}
+    except Exception as exc:  # decoding or drawing problems must not cost the selection
+        log.warning("could not draw selection thumbnails: %s", exc)
+        return None
 
 
 def pretrain_student(ctx: RunContext) -> dict:
@@ -394,8 +398,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
         "selection": selection_stats,
         "params": ctx.params.to_dict(),
     }
-    samples_key = ctx.key("select", "samples.png")
-    samples = ctx.store.read_bytes(samples_key) if ctx.store.exists(samples_key) else None
+    samples = ctx.store.read_bytes(ctx.key("select", "samples.png")) if selection_stats.get("samples") else None
     files = write_report(ctx.store, ctx.run_id, metrics, samples=samples)
     summary = {name: {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "tail_recall")}
                for name, m in models.items()}
@@ -447,6 +450,7 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
             if not 0 <= group < len(groups):
                 raise ConfigError(f"Score group {group} does not exist; the plan has groups 0 to {len(groups) - 1}.")
             shards = groups[group]
+        shards = list(dict.fromkeys(shards or []))  # a shard listed twice is scored once
         # each score file is one atomic object; any run with this teacher skips shards already scored
         keys = _score_keys(ctx, shards or [])
         todo = [s for s in shards or [] if not store.exists(keys[s])]

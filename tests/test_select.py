@@ -83,3 +83,16 @@ def test_rows_tying_with_the_kth_score_in_a_later_file_still_win_on_image_id():
     sel, counts = select([first, later], k=2)
     assert sel.column("image_id").to_pylist() == ["a", "m"]
     assert counts["rows_scored"] == 4
+
+
+def test_saturated_scores_tying_across_many_files_stay_exact_and_bounded(monkeypatch):
+    import semisup_tasks.select as sel_mod
+
+    sizes = []
+    real = sel_mod._keep_top_k_with_ties
+    monkeypatch.setattr(sel_mod, "_keep_top_k_with_ties", lambda t, k: sizes.append(t.num_rows) or real(t, k))
+    tables = [pa.table({"image_id": [f"f{f:02d}-{i:04d}" for i in range(1000)], "cls": [0] * 1000,
+                        "score": [1.0] * 1000, "shard": ["s"] * 1000}, schema=SCHEMA) for f in range(20)]
+    got, _ = select(tables, k=5)
+    assert got.column("image_id").to_pylist() == [f"f00-{i:04d}" for i in range(5)]
+    assert max(sizes) <= 1000 + 2 * 5  # survivors are settled, not piled up: at most one file plus O(K)

@@ -74,7 +74,7 @@ def test_pipeline_end_to_end_writes_every_output(store):
 
     grid = Image.open(io.BytesIO(store.read_bytes("runs/r1/select/samples.png")))
     assert grid.size == (8 * 14 * 5, 3 * 14 * 5)  # 12px images + 2px gaps, scaled x5; 3 classes
-    assert store.list("runs/r1/select/samples") == [f"runs/r1/select/samples/class-{c}.png" for c in range(3)]
+    assert sel["samples"]["classes"] == [0, 1, 2]
     assert store.read_bytes("runs/r1/evaluate/selection_samples.png") == store.read_bytes("runs/r1/select/samples.png")
     assert "![selected image samples](selection_samples.png)" in store.read_bytes("runs/r1/evaluate/report.md").decode()
 
