@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-drop", help="import every image under a folder as one unlabeled drop")
     _store_arg(p)
     p.add_argument("--drop-id", required=True)
-    p.add_argument("--source", required=True, help="local folder or s3:// prefix")
+    p.add_argument("--source", required=True,
+                   help="local folder or s3:// prefix: images, WebDataset .tar shards or img2dataset .parquet shards")
 
     p = sub.add_parser("demo-data", help="build the MNIST demo dataset and drops (no download)")
     _store_arg(p)

@@ -14,8 +14,11 @@ would use; the next import of the same version or drop clears that debris first.
 
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import re
+import tarfile
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,13 +100,68 @@ def _open_source(root: str) -> Store:
     return src
 
 
-def _source_images(src: Store) -> list[str]:
+def _source_images(src: Store, listing: list[str] | None = None) -> list[str]:
     """Image keys under the source, sorted; hidden files and folders (.DS_Store, ._x.png) are ignored."""
     return [
         key
-        for key in src.list()
+        for key in (src.list() if listing is None else listing)
         if key.lower().endswith(IMAGE_SUFFIXES) and not any(p.startswith(".") for p in key.split("/"))
     ]
+
+
+ARCHIVE_SUFFIXES = (".tar", ".parquet")
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")  # img2dataset names the column after the encoding
+
+
+def _source_archives(listing: list[str]) -> list[str]:
+    """WebDataset-style tar shards and img2dataset Parquet shards in a source listing, sorted."""
+    return [key for key in listing
+            if key.lower().endswith(ARCHIVE_SUFFIXES) and not any(p.startswith(".") for p in key.split("/"))]
+
+
+def _archive_images(src: Store, key: str, skips: _Skips) -> Iterator[tuple[str, bytes]]:
+    """(``<archive key>/<member or row key>``, bytes) of each image inside one shard archive.
+
+    A tar holds one file per image (``<key>.jpg`` beside ``<key>.txt``/``.json``, as WebDataset and
+    img2dataset write them); an img2dataset Parquet shard holds the bytes in a ``jpg`` (or
+    ``png``/``webp``) column with the sample's ``key``. Other members and failed rows are ignored.
+    """
+    if key.lower().endswith(".tar"):
+        try:
+            with tarfile.open(fileobj=io.BytesIO(src.read_bytes(key))) as tar:
+                members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+                for member in members:
+                    if member.name.lower().endswith(IMAGE_SUFFIXES):
+                        yield f"{key}/{member.name}", tar.extractfile(member).read()
+        except tarfile.TarError as exc:
+            skips.add(key, f"not a readable tar archive ({exc})")
+        return
+    try:
+        table = src.read_table(key)
+    except (OSError, pa.ArrowInvalid) as exc:
+        skips.add(key, f"not a readable Parquet file ({exc.__class__.__name__})")
+        return
+    column = next((c for c in IMAGE_COLUMNS if c in table.column_names
+                   and pa.types.is_binary(table.schema.field(c).type)), None)
+    if column is None:
+        skips.add(key, f"has no image column (one of {', '.join(IMAGE_COLUMNS)})")
+        return
+    ids = table.column("key").to_pylist() if "key" in table.column_names else list(range(table.num_rows))
+    for row_key, data in zip(ids, table.column(column).to_pylist(), strict=True):
+        if data is None:  # a sample img2dataset failed to download
+            skips.add(f"{key}/{row_key}", "no image bytes")
+        else:
+            yield f"{key}/{row_key}", data
+
+
+def _probed(rows: Iterable[tuple[str, bytes]], skips: _Skips) -> Iterator[tuple[str, bytes]]:
+    for key, data in rows:
+        try:
+            probe(data)
+        except ValueError as exc:
+            skips.add(key, str(exc))
+            continue
+        yield key, data
 
 
 def _read_many(src: Store, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
@@ -451,16 +509,18 @@ def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAU
         logger.info("Drop %s is already imported; nothing to do", drop_id)
         return load_drop_manifest(store, drop_id)
     src = _open_source(source)
-    keys = _source_images(src)
-    if not keys:
-        raise ConfigError(f"Folder {source} has no .png/.jpg/.jpeg images; point --source at the folder "
-                          "(or s3:// prefix) that holds the drop's images.")
+    listing = src.list()
+    keys, archives = _source_images(src, listing), _source_archives(listing)
+    if not keys and not archives:
+        raise ConfigError(f"Folder {source} has no .png/.jpg/.jpeg images and no .tar or .parquet shards; point "
+                          "--source at the folder (or s3:// prefix) that holds the drop's images.")
     skips = _Skips(src)
-    rows = ((key, data) for key, data, _ in _readable(src, keys, skips))
-    shards = _write_drop_shards(store, drop_id, rows, shard_size)
+    loose = ((key, data) for key, data, _ in _readable(src, keys, skips))
+    packed = _probed((row for a in archives for row in _archive_images(src, a, skips)), skips)
+    shards = _write_drop_shards(store, drop_id, itertools.chain(loose, packed), shard_size)
     if not shards:
-        raise ConfigError(f"None of the {len(keys)} images under {source} is readable; check that they are "
-                          "PNG or JPEG files.")
+        raise ConfigError(f"None of the {skips.count} images under {source} is readable; check that they are "
+                          "PNG or JPEG files (loose, in tar shards, or in img2dataset Parquet shards).")
     return _commit_drop(store, drop_id, shards, skips.count, source)
 
 

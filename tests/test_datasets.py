@@ -230,3 +230,40 @@ def test_import_over_s3(s3_server: str) -> None:
 
     with pytest.raises(StoreError, match="reach bucket 'no-such-bucket'"):
         datasets.import_drop(store, "other", "s3://no-such-bucket/x")
+
+
+def test_import_drop_reads_webdataset_tars_and_img2dataset_parquet(tmp_path):
+    """Drops may come as loose images, WebDataset-style tar shards, or img2dataset Parquet shards."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from semisup_tasks.datasets import import_drop
+    from semisup_tasks.images import encode_png
+    from semisup_tasks.store import Store
+
+    src = tmp_path / "src"
+    (src / "loose").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def png() -> bytes:
+        return encode_png(rng.integers(0, 255, (8, 8), dtype=np.uint8))
+
+    (src / "loose" / "a.png").write_bytes(png())
+    with tarfile.open(src / "00000.tar", "w") as tar:  # img2dataset's webdataset layout
+        for name, data in [("000000000.jpg", png()), ("000000000.txt", b"a caption"),
+                           ("000000001.jpg", png()), ("000000002.jpg", b"truncated")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": ["k0", "k1", "k2"], "jpg": [png(), None, png()],
+                             "caption": ["x", "y", "z"]}), src / "00001.parquet")  # img2dataset's parquet
+
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    manifest = import_drop(store, "mixed", str(src))
+    assert manifest["count"] == 5 and manifest["skipped"] == 2  # the truncated jpg and the failed row
+    ids = store.read_table(manifest["shards"][0]["key"]).column("image_id").to_pylist()
+    assert ids == ["mixed/loose/a.png", "mixed/00000.tar/000000000.jpg", "mixed/00000.tar/000000001.jpg",
+                   "mixed/00001.parquet/k0", "mixed/00001.parquet/k2"]
