@@ -8,10 +8,12 @@ A mistake a user can fix exits with status 2 and one sentence on stderr.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .config import DEFAULT_STORE, ConfigError
@@ -127,5 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """Process entry point (``semisup``, ``python -m semisup_tasks``).
+
+    After Python's own exit handlers it ends the process without C++ static destruction: Arrow's
+    native thread pools can otherwise abort an interpreter that already finished its work
+    ("terminate called without an active exception", apache/arrow#34314), turning a stage that
+    wrote all its outputs into a failed task.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help and usage errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -240,3 +240,17 @@ def test_plan_bounds_the_number_of_score_tasks_and_keeps_shard_keys_out_of_its_r
     assert run_stage("score", store, "g", params(max_score_tasks=4), group=2)["images"] == 14  # d2: 10 + 4
     with pytest.raises(ConfigError, match="Score group 3 does not exist"):
         run_stage("score", store, "g", params(max_score_tasks=4), group=3)
+
+
+def test_the_process_entry_point_flushes_output_and_keeps_exit_codes(store):
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "semisup_tasks", "stage", "plan", "--store", store.uri,
+                         "--run-id", "proc", "--params-json", json.dumps(params())],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["drops"] == ["d1", "d2"]  # piped stdout arrives whole
+    bad = subprocess.run([sys.executable, "-m", "semisup_tasks", "stage", "plan", "--store", store.uri,
+                          "--run-id", "proc2", "--params-json", json.dumps(params(k=0))],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "k must be at least 1" in bad.stderr
