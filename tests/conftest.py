@@ -34,3 +34,26 @@ def s3_server(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     reset = urllib.request.Request(f"{_moto_endpoint}/moto-api/reset", method="POST")
     urllib.request.urlopen(reset, timeout=10).close()
     yield _moto_endpoint
+
+
+_EXIT_STATUS: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS["code"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without C++ static destruction once pytest has reported: Arrow's native thread pools
+    can abort a finished interpreter ('terminate called without an active exception',
+    apache/arrow#34314), which would turn a green run red. The CLI's entry point does the same."""
+    import atexit
+    import os
+    import sys
+
+    if "code" in _EXIT_STATUS and not hasattr(config, "workerinput"):
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS["code"])
