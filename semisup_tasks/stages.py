@@ -226,14 +226,14 @@ def train_labeled(ctx: RunContext, stage: str) -> dict:
     return _save_model(ctx, MODEL_STAGES[stage], model, arch, ds, summary)
 
 
-def score(ctx: RunContext, shards: list[str]) -> dict:
+def score(ctx: RunContext, shards: list[str], score_keys: dict[str, str]) -> dict:
+    """Score ``shards`` with the run's teacher, writing each to its cache key in ``score_keys``."""
     from .score import score_shards
 
     if not shards:
         raise ConfigError("The score stage needs --shards with at least one shard key.")
     ds = ctx.dataset()
     teacher = _load_model(ctx, "teacher")
-    score_keys = _score_keys(ctx, shards)
     outputs, images, rows = [], 0, 0
     for shard, scores in score_shards(teacher, ctx.store, shards, ctx.params.p, ds["channels"],
                                       tuple(ds["image_size"]), workers=min(4, os.cpu_count() or 1)):
@@ -274,12 +274,13 @@ def select_stage(ctx: RunContext) -> dict:
     if missing:
         raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
                           "rerun the score tasks before select.")
-    num_classes = len(ctx.dataset()["classes"])
+    ds = ctx.dataset()
+    num_classes = len(ds["classes"])
     selection, counts = select((ctx.store.read_table(k) for k in keys), ctx.params.k)
     stats = selection_stats(selection, num_classes, ctx.params.k)
     stats.update(p=ctx.params.p, rows_scored=counts["rows_scored"], images_scored=counts["rows_scored"] // ctx.params.p)
     ctx.store.write_table(ctx.key("select", "selection.parquet"), selection)
-    stats["samples"] = _write_samples(ctx, selection)
+    stats["samples"] = _write_samples(ctx, selection, ds)
     ctx.store.write_json(ctx.key("select", "stats.json"), stats)
     short = sum(1 for s in stats["shortfall"] if s)
     log.info("selected %d pairs (%d images); %d classes short of K", stats["selected_pairs"],
@@ -293,7 +294,7 @@ SAMPLES_PER_END = 4  # per class: the most confident picks and the ones just abo
 SAMPLE_GRID_CLASSES = 20  # rows of the grid: enough to eyeball, few shard reads even with 10^4 classes
 
 
-def _write_samples(ctx: RunContext, selection: pa.Table) -> dict | None:
+def _write_samples(ctx: RunContext, selection: pa.Table, ds: dict) -> dict | None:
     """``select/samples.png``: for the first classes that have picks, one row each of the most
     confident picks and the picks nearest the class threshold, for a person to eyeball
     pseudo-label quality. Best effort: thumbnails never fail a selection."""
@@ -301,7 +302,6 @@ def _write_samples(ctx: RunContext, selection: pa.Table) -> dict | None:
 
     ctx.store.delete(ctx.key("select", "samples.png"))  # never show an earlier selection's picks
     try:
-        ds = ctx.dataset()
         cls = selection.column("cls").to_numpy()  # sorted by class, then rank
         picks = []
         for c in np.unique(cls)[:SAMPLE_GRID_CLASSES]:
@@ -454,7 +454,7 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
         # each score file is one atomic object; any run with this teacher skips shards already scored
         keys = _score_keys(ctx, shards or [])
         todo = [s for s in shards or [] if not store.exists(keys[s])]
-        result = score(ctx, todo) if todo else {"outputs": [], "images": 0, "rows": 0}
+        result = score(ctx, todo, keys) if todo else {"outputs": [], "images": 0, "rows": 0}
         result["skipped_shards"] = len(shards or []) - len(todo)
         return result
     stage_dir = STAGE_DIRS[name]
