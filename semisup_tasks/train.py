@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -74,15 +76,57 @@ def epoch_order(labels: torch.Tensor, balanced: bool, gen: torch.Generator) -> t
     return torch.multinomial((1.0 / counts)[labels], n, replacement=True, generator=gen)
 
 
+class BatchSource(Protocol):
+    """Where the loop's batches come from: ``len()`` rows, and per epoch (uint8 NxCxHxW, int64 labels)
+    batches of ``batch_size`` (an epoch's last may be smaller), all random draws from ``gen``."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class ArraySource:
+    """In-memory images and labels; the one source that can sample class-balanced (it needs every label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, balanced: bool = False):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels; pass one label per image.")
+        self.x = torch.from_numpy(np.ascontiguousarray(images))
+        self.y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.balanced = balanced
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(self.y, self.balanced, gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
 def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: Recipe, name: str = "model") -> dict:
     """Train in place on uint8 NxCxHxW images with int labels; returns a small training summary."""
     if len(images) == 0:
         raise ValueError(f"{name}: no training images")
+    return _fit(model, ArraySource(images, labels, recipe.balanced_sampling), recipe, name)
+
+
+def train_stream(model: nn.Module, source: BatchSource, recipe: Recipe, name: str = "model") -> dict:
+    """Train in place from a batch source such as :class:`semisup_tasks.trainshards.ShardStream`."""
+    if recipe.balanced_sampling and not isinstance(source, ArraySource):
+        raise ValueError(f"{name}: balanced sampling needs in-memory images; train from arrays or set "
+                         "balanced_sampling to false.")
+    if len(source) == 0:
+        raise ValueError(f"{name}: no training images")
+    return _fit(model, source, recipe, name)
+
+
+def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> dict:
+    """The one training loop; the order of draws from the seeded generator is the same for every source."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    x_all = torch.from_numpy(np.ascontiguousarray(images))
-    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    n = len(y_all)
+    n = len(source)
     steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
     total = steps_per_epoch * recipe.epochs
     if recipe.optimizer == "adamw":
@@ -96,19 +140,17 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: Reci
     model.train()
     losses = []
     for epoch in range(recipe.epochs):
-        order = epoch_order(y_all, recipe.balanced_sampling, gen)
         epoch_loss = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples
+        for x_u8, y in source.batches(recipe.batch_size, gen):
+            if len(y) < 2 and n >= 2:  # BatchNorm needs two samples
                 continue
-            x = augment_batch(prepare(x_all[idx]), recipe.augment, gen).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), y_all[idx])
+            x = augment_batch(prepare(x_u8), recipe.augment, gen).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            epoch_loss += loss.item() * len(idx)
+            epoch_loss += loss.item() * len(y)
         losses.append(epoch_loss / n)
         log.info("%s epoch %d/%d loss %.4f", name, epoch + 1, recipe.epochs, losses[-1])
     return {"epochs": recipe.epochs, "steps": total, "images": n, "final_loss": losses[-1]}
