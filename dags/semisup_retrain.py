@@ -11,7 +11,11 @@ classification* (2019), over the object store given by the `store` param:
    pool's true labels, when the store has them).
 3. **score** — one mapped task per shard group: the teacher keeps each image's top-`p` classes
    and scores (cached by teacher weights and shard content, so later runs reuse them).
-4. **select** — per class, the `k` best-scored images (ties: score desc, image id asc).
+   Each also counts its rows per (class, score bin): the map step of the selection.
+4. **thresholds** — sums the histograms: per class, the worst score bin that can still hold
+   one of its `k` best rows. **filter** — one mapped task per shard group keeps only the rows
+   at or above their class's threshold. **select** — the exact `k` best per class among those
+   candidates (ties: score desc, image id asc).
 5. **pretrain_student** on the selected set, then **finetune_student** on the labeled set.
 6. **evaluate** — top-1/top-5, per-class and head/tail recall for teacher, baseline, student
    and oracle; the *semisup report* link on this task opens the run's report.
@@ -53,17 +57,23 @@ with DAG(
     baseline = SemisupStageOperator(task_id="train_baseline", stage="train-baseline")
     oracle = SemisupStageOperator(task_id="train_oracle", stage="train-oracle")
     # one mapped task per shard group; the groups' shard keys stay in the store, not in XCom
+    groups = score_groups(plan.output)
     score = SemisupStageOperator.partial(
         task_id="score",
         stage="score",
         map_index_template=GROUP_MAP_INDEX_TEMPLATE,
         max_active_tis_per_dagrun=SCORE_PARALLELISM,
-    ).expand(group=score_groups(plan.output))
+    ).expand(group=groups)
+    # selection as map -> reduce -> map -> reduce: the passes over every row run in parallel tasks
+    thresholds = SemisupStageOperator(task_id="thresholds", stage="thresholds")
+    filter_ = SemisupStageOperator.partial(
+        task_id="filter", stage="filter", map_index_template=GROUP_MAP_INDEX_TEMPLATE,
+    ).expand(group=groups)
     select = SemisupStageOperator(task_id="select", stage="select")
     pretrain = SemisupStageOperator(task_id="pretrain_student", stage="pretrain-student")
     finetune = SemisupStageOperator(task_id="finetune_student", stage="finetune-student")
     evaluate = SemisupStageOperator(task_id="evaluate", stage="evaluate")
 
     plan >> [teacher, baseline, oracle]
-    teacher >> score >> select >> pretrain >> finetune >> evaluate
+    teacher >> score >> thresholds >> filter_ >> select >> pretrain >> finetune >> evaluate
     [baseline, oracle] >> evaluate

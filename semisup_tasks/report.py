@@ -150,6 +150,7 @@ def selection_items(metrics: dict) -> list[tuple[str, str]]:
         short_text += f" ({_name_list(classes, short)})"
     items = [("K (per class)", fmt_int(sel.get("k"))), ("P (per image)", fmt_int(sel.get("p"))),
              ("images scored", fmt_int(sel.get("images_scored"))),
+             ("candidates after the score-bin filter", fmt_int(sel.get("candidates"))),
              ("pairs selected", fmt_int(sel.get("selected_pairs"))),
              ("unique images", fmt_int(sel.get("unique_images"))),
              ("classes short of K", short_text),

@@ -3,6 +3,19 @@
 Ties are broken by score descending, then image id ascending, so the result does not depend
 on the order the score files are read in. Memory holds the survivors (about C*K rows) plus
 one score file at a time, whatever the pool size.
+
+Across many score files it runs as map -> reduce -> map -> reduce, so the passes over all
+rows spread over parallel tasks and only the last step is serial:
+
+1. :func:`histogram` per group of score files: (class, bin) -> row count;
+2. :func:`thresholds` over all histograms: per class, the worst bin that can still hold one
+   of its K best rows;
+3. :func:`keep_candidates` per score file: the rows in or above their class's threshold bin;
+4. :func:`select` over those candidates: the exact top-K.
+
+Bins are the top 16 bits of the float32 ``1 - score``: log-spaced in the distance to 1.0, so
+softmax scores crowded near 1.0 spread over many bins (down to one float apart) instead of
+piling into one, and the candidates stay close to K per class.
 """
 
 from __future__ import annotations
@@ -92,6 +105,84 @@ def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
     if survivors is None:
         raise ValueError("no score files to select from")
     return top_k_per_class(survivors, k), {"rows_scored": rows}
+
+
+BIN_SHIFT = 16
+NUM_BINS = (0x3F800000 >> BIN_SHIFT) + 1  # bins of 1 - score in [0, 1]: 0 (score 1.0) to 16256 (score 0)
+HIST_SCHEMA = pa.schema([("cls", pa.int32()), ("bin", pa.int32()), ("count", pa.int64())])
+
+
+def score_bins(score: np.ndarray) -> np.ndarray:
+    """Bin of each score; a higher score never gets a larger bin.
+
+    ``1 - score`` is exact in float64 for a float32 score, and rounding it to float32 keeps the
+    order, so the bins are monotone; a float32's top bits order like its value when it is not
+    negative. Scores above 1.0 (rounding) count as 1.0.
+    """
+    distance = np.maximum(1.0 - np.asarray(score, dtype=np.float64), 0.0).astype(np.float32)
+    return (distance.view(np.uint32) >> np.uint32(BIN_SHIFT)).astype(np.int32)
+
+
+def bin_floor(bin_: int) -> float:
+    """The lowest score that falls in ``bin_``."""
+    top = np.array([((int(bin_) + 1) << BIN_SHIFT) - 1], dtype=np.uint32).view(np.float32)[0]
+    return float(max(0.0, 1.0 - float(top)))
+
+
+def histogram(tables: Iterable[pa.Table]) -> pa.Table:
+    """Rows per (class, score bin) over score tables: the map step, a few thousand rows per class at most."""
+    parts = []
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())  # rejects NaN/negatives
+        cell = table.column("cls").to_numpy().astype(np.int64) * NUM_BINS + score_bins(table.column("score").to_numpy())
+        parts.append(cell)
+    if not parts:
+        return HIST_SCHEMA.empty_table()
+    cells, counts = np.unique(np.concatenate(parts), return_counts=True)
+    return pa.table({"cls": (cells // NUM_BINS).astype(np.int32), "bin": (cells % NUM_BINS).astype(np.int32),
+                     "count": counts.astype(np.int64)}, schema=HIST_SCHEMA)
+
+
+def thresholds(histograms: Iterable[pa.Table], k: int, num_classes: int) -> dict:
+    """The reduce step: per class, the threshold bin (keep rows with bin <= it), its candidates and rows.
+
+    At least K rows of a class lie in bins up to its threshold, and every row in a later bin
+    scores strictly below all of them, so it cannot rank in the top K: the cut loses nothing.
+    A class with fewer than K rows keeps them all.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    merged = pa.concat_tables([h.cast(HIST_SCHEMA) for h in histograms] or [HIST_SCHEMA.empty_table()])
+    merged = merged.group_by(["cls", "bin"]).aggregate([("count", "sum")]).sort_by([("cls", "ascending"),
+                                                                                    ("bin", "ascending")])
+    cls, bins = merged.column("cls").to_numpy(), merged.column("bin").to_numpy()
+    counts = merged.column("count_sum").to_numpy()
+    if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
+        raise ValueError(f"score files name class {int(cls.max())}, outside the dataset's {num_classes} classes")
+    threshold = np.full(num_classes, -1, dtype=np.int64)  # -1: no row of this class at all
+    candidates = np.zeros(num_classes, dtype=np.int64)
+    rows = np.bincount(cls, weights=counts, minlength=num_classes).astype(np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(cls)) + 1].astype(np.int64) if len(cls) else np.empty(0, np.int64)
+    for start, end in zip(starts, np.r_[starts[1:], len(cls)], strict=True):
+        running = np.cumsum(counts[start:end])
+        at = min(int(np.searchsorted(running, k)), end - start - 1)  # first bin reaching K, else the last
+        threshold[cls[start]] = bins[start + at]
+        candidates[cls[start]] = running[at]
+    return {"k": k, "bin_shift": BIN_SHIFT, "threshold_bin": threshold.tolist(),
+            "min_score_kept": [bin_floor(b) if b >= 0 else None for b in threshold.tolist()],
+            "candidates": candidates.tolist(), "rows": rows.tolist()}
+
+
+def keep_candidates(table: pa.Table, threshold_bin: list[int] | np.ndarray) -> pa.Table:
+    """The second map step: the rows of a score table that may rank in their class's top K."""
+    if table.num_rows == 0:
+        return table
+    limit = np.asarray(threshold_bin, dtype=np.int64)
+    cls = table.column("cls").to_numpy()
+    keep = score_bins(table.column("score").to_numpy()) <= limit[cls]
+    return table.filter(pa.array(keep))
 
 
 def selection_stats(selection: pa.Table, num_classes: int, k: int) -> dict:

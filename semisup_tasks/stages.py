@@ -226,12 +226,10 @@ def train_labeled(ctx: RunContext, stage: str) -> dict:
     return _save_model(ctx, MODEL_STAGES[stage], model, arch, ds, summary)
 
 
-def score(ctx: RunContext, shards: list[str], score_keys: dict[str, str]) -> dict:
+def _score_shards(ctx: RunContext, shards: list[str], score_keys: dict[str, str]) -> dict:
     """Score ``shards`` with the run's teacher, writing each to its cache key in ``score_keys``."""
     from .score import score_shards
 
-    if not shards:
-        raise ConfigError("The score stage needs --shards with at least one shard key.")
     ds = ctx.dataset()
     teacher = _load_model(ctx, "teacher")
     outputs, images, rows = [], 0, 0
@@ -247,38 +245,128 @@ def score(ctx: RunContext, shards: list[str], score_keys: dict[str, str]) -> dic
     return {"outputs": outputs, "images": images, "rows": rows}
 
 
-def _score_keys(ctx: RunContext, shards: list[str]) -> dict[str, str]:
-    """Where each shard's scores live: ``cache/scores/teacher-<arch>-<weights>-p<P>-<precision>/<sha>.parquet``.
+def score(ctx: RunContext, shards: list[str], group: int | None) -> dict:
+    """Score the shards not in the cache yet; for a plan group, also write the group's score histogram
+    (the map step of the sharded selection), from every score file of the group, cached or new."""
+    from .select import histogram
 
-    Keyed by the teacher's weights digest and P and by the shard's content digest, so any run
-    with the same teacher reuses every score already computed (a new drop costs only its own
-    shards), and a retrained teacher or another P never reads stale scores.
-    """
+    keys = _score_keys(ctx, shards)
+    todo = [s for s in shards if not ctx.store.exists(keys[s])]
+    result = _score_shards(ctx, todo, keys) if todo else {"outputs": [], "images": 0, "rows": 0}
+    result["skipped_shards"] = len(shards) - len(todo)
+    if group is not None:
+        hist = histogram(ctx.store.read_table(keys[s], columns=["cls", "score"]) for s in shards)
+        ctx.store.write_table(_histogram_key(ctx, group), hist)
+        result["histogram_cells"] = hist.num_rows
+    return result
+
+
+def _score_prefix(ctx: RunContext) -> str:
+    """``cache/scores/teacher-<arch>-<weights>-p<P>-<precision>``: whose scores these are."""
     from .score import scoring_precision
 
     trained = _model_result(ctx, "teacher")
     teacher = f"{trained['arch']}-{trained['weights_sha256'][:16]}"
     # bf16 on GPU and fp32 on CPU give slightly different scores: never mix them in one selection
-    prefix = join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}-{scoring_precision()}")
+    return join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}-{scoring_precision()}")
+
+
+def _score_keys(ctx: RunContext, shards: list[str]) -> dict[str, str]:
+    """Where each shard's scores live: ``<score prefix>/<shard sha256>.parquet``.
+
+    Keyed by the teacher's weights digest and P and by the shard's content digest, so any run
+    with the same teacher reuses every score already computed (a new drop costs only its own
+    shards), and a retrained teacher or another P never reads stale scores.
+    """
+    prefix = _score_prefix(ctx)
     digests = {s["key"]: s.get("sha256") for d in ctx.plan()["drops"]
                for s in datasets.load_drop_manifest(ctx.store, d)["shards"]}
     # a drop imported before shard digests existed: fall back to the shard's key
     return {s: join(prefix, f"{digests.get(s) or 'key-' + s.replace('/', '__')}.parquet") for s in shards}
 
 
+def _histogram_key(ctx: RunContext, group: int) -> str:
+    # under the teacher's name: a retrained teacher in the same run never reads old histograms
+    return ctx.key("score", _score_prefix(ctx).rsplit("/", 1)[-1], f"hist-{group:05d}.parquet")
+
+
+def _candidates_key(ctx: RunContext, cut: dict, group: int) -> str:
+    # under the thresholds' digest: candidates filtered with another K or teacher are never read
+    return ctx.key("filter", cut["digest"][:16], f"group-{group:05d}.parquet")
+
+
+def _all_score_keys(ctx: RunContext, only: int | None = None) -> list[list[str]]:
+    """The score file of every shard, by plan group (or of group ``only``); a clear error when any is missing."""
+    groups = ctx.shard_groups()
+    if only is not None:
+        groups = [groups[only]]
+    keys = _score_keys(ctx, [s for g in groups for s in g])
+    missing = [keys[s] for g in groups for s in g if not ctx.store.exists(keys[s])]
+    if missing:
+        raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
+                          "rerun the score tasks first.")
+    return [[keys[s] for s in g] for g in groups]
+
+
+def thresholds_stage(ctx: RunContext) -> dict:
+    """The reduce step: per-class threshold bins from the groups' histograms (``thresholds/thresholds.json``)."""
+    import hashlib
+    import json
+
+    from .select import histogram, thresholds
+
+    groups = _all_score_keys(ctx)
+    hists = []
+    for g, keys in enumerate(groups):
+        key = _histogram_key(ctx, g)
+        # a group scored by shard list (the CLI) has no histogram yet: build it from its score files
+        hists.append(ctx.store.read_table(key) if ctx.store.exists(key) else
+                     histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in keys))
+    cut = thresholds(hists, ctx.params.k, len(ctx.dataset()["classes"]))
+    cut["scores"] = _score_prefix(ctx)
+    cut["digest"] = hashlib.sha256(json.dumps(cut, sort_keys=True).encode()).hexdigest()
+    ctx.store.write_json(ctx.key("thresholds", "thresholds.json"), cut)
+    log.info("thresholds: %d of %d rows are candidates for the top %d", sum(cut["candidates"]), sum(cut["rows"]),
+             ctx.params.k)
+    return {"thresholds": ctx.store.url(ctx.key("thresholds", "thresholds.json")), "digest": cut["digest"],
+            "rows": sum(cut["rows"]), "candidates": sum(cut["candidates"])}
+
+
+def _thresholds(ctx: RunContext) -> dict:
+    if ctx.committed("thresholds") is None:
+        raise ConfigError(f"Run {ctx.run_id!r} has no thresholds yet; run the thresholds stage first.")
+    return ctx.store.read_json(ctx.key("thresholds", "thresholds.json"))
+
+
+def filter_candidates(ctx: RunContext, group: int) -> dict:
+    """The second map step: the group's rows that can still rank in their class's top K, in one file."""
+    from .select import keep_candidates
+
+    cut = _thresholds(ctx)
+    keys = _all_score_keys(ctx, only=group)[0]
+    parts = [keep_candidates(ctx.store.read_table(k), cut["threshold_bin"]) for k in keys]
+    candidates = pa.concat_tables(parts)
+    ctx.store.write_table(_candidates_key(ctx, cut, group), candidates)
+    return {"candidates": ctx.store.url(_candidates_key(ctx, cut, group)), "rows": candidates.num_rows}
+
+
 def select_stage(ctx: RunContext) -> dict:
     from .select import select, selection_stats
 
-    keys = list(_score_keys(ctx, [s for g in ctx.shard_groups() for s in g]).values())
+    cut = _thresholds(ctx)
+    keys = [_candidates_key(ctx, cut, g) for g in range(len(ctx.shard_groups()))]
     missing = [k for k in keys if not ctx.store.exists(k)]
     if missing:
-        raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
-                          "rerun the score tasks before select.")
+        raise ConfigError(f"{len(missing)} candidate file(s) are missing (first: {ctx.store.url(missing[0])}); "
+                          "rerun the filter tasks before select.")
     ds = ctx.dataset()
     num_classes = len(ds["classes"])
     selection, counts = select((ctx.store.read_table(k) for k in keys), ctx.params.k)
     stats = selection_stats(selection, num_classes, ctx.params.k)
-    stats.update(p=ctx.params.p, rows_scored=counts["rows_scored"], images_scored=counts["rows_scored"] // ctx.params.p)
+    rows = sum(cut["rows"])
+    stats.update(p=ctx.params.p, rows_scored=rows, images_scored=rows // ctx.params.p,
+                 candidates=counts["rows_scored"], candidates_per_class=cut["candidates"],
+                 min_score_kept=cut["min_score_kept"])
     ctx.store.write_table(ctx.key("select", "selection.parquet"), selection)
     stats["samples"] = _write_samples(ctx, selection, ds)
     ctx.store.write_json(ctx.key("select", "stats.json"), stats)
@@ -425,38 +513,46 @@ STAGES: dict[str, Callable[..., dict]] = {
     "train-baseline": lambda ctx: train_labeled(ctx, "train-baseline"),
     "train-oracle": train_oracle,
     "score": score,
+    "thresholds": thresholds_stage,
+    "filter": filter_candidates,
     "select": select_stage,
     "pretrain-student": pretrain_student,
     "finetune-student": finetune_student,
     "evaluate": evaluate_stage,
 }
-STAGE_DIRS = {"plan": "plan", "select": "select", "evaluate": "evaluate", **MODEL_STAGES}
+STAGE_DIRS = {"plan": "plan", "thresholds": "thresholds", "select": "select", "evaluate": "evaluate", **MODEL_STAGES}
+
+
+GROUP_STAGES = ("score", "filter")  # mapped over the plan's shard groups; no manifest of their own
+
+
+def _stage_shards(ctx: RunContext, name: str, shards: list[str] | None, group: int | None):
+    """The shards a group stage works on: a plan group's, or (score only) the keys given."""
+    if group is not None:
+        groups = ctx.shard_groups()
+        if not 0 <= group < len(groups):
+            raise ConfigError(f"Shard group {group} does not exist; the plan has groups 0 to {len(groups) - 1}.")
+        return groups[group], group
+    if name != "score" or not shards:
+        raise ConfigError(f"The {name} stage needs --group" + (" or --shards" if name == "score" else "") + ".")
+    return list(dict.fromkeys(shards)), None  # a shard listed twice is scored once
 
 
 def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[str] | None = None,
               group: int | None = None) -> dict:
     """Run one stage, or return its recorded result when it already ran with the same params.
 
-    The score stage takes its shards as keys, or as the index of one of the plan's shard groups.
+    The score stage takes its shards as keys, or as the index of one of the plan's shard groups;
+    the filter stage takes a group index.
     """
     if name not in STAGES:
         raise ConfigError(f"Unknown stage {name!r}; stages are {', '.join(STAGES)}.")
     pp = PipelineParams.from_dict(params)
     ctx = RunContext(store, run_id, pp)
     started = time.time()
-    if name == "score":
-        if group is not None:
-            groups = ctx.shard_groups()
-            if not 0 <= group < len(groups):
-                raise ConfigError(f"Score group {group} does not exist; the plan has groups 0 to {len(groups) - 1}.")
-            shards = groups[group]
-        shards = list(dict.fromkeys(shards or []))  # a shard listed twice is scored once
-        # each score file is one atomic object; any run with this teacher skips shards already scored
-        keys = _score_keys(ctx, shards or [])
-        todo = [s for s in shards or [] if not store.exists(keys[s])]
-        result = score(ctx, todo, keys) if todo else {"outputs": [], "images": 0, "rows": 0}
-        result["skipped_shards"] = len(shards or []) - len(todo)
-        return result
+    if name in GROUP_STAGES:
+        shards, group = _stage_shards(ctx, name, shards, group)
+        return score(ctx, shards, group) if name == "score" else filter_candidates(ctx, group)
     stage_dir = STAGE_DIRS[name]
     fingerprint = {"params": pp.to_dict(), "code_version": code_version()}
     done = ctx.manifest_matches(stage_dir, fingerprint)
@@ -472,8 +568,10 @@ def run_pipeline(store: Store, run_id: str, params: dict) -> dict:
     results = {"plan": run_stage("plan", store, run_id, params)}
     for name in ("train-teacher", "train-baseline", "train-oracle"):
         results[name] = run_stage(name, store, run_id, params)
-    results["score"] = [run_stage("score", store, run_id, params, group=g)
-                        for g in range(results["plan"]["score_groups"])]
+    groups = range(results["plan"]["score_groups"])
+    results["score"] = [run_stage("score", store, run_id, params, group=g) for g in groups]
+    results["thresholds"] = run_stage("thresholds", store, run_id, params)
+    results["filter"] = [run_stage("filter", store, run_id, params, group=g) for g in groups]
     for name in ("select", "pretrain-student", "finetune-student", "evaluate"):
         results[name] = run_stage(name, store, run_id, params)
     return results["evaluate"]

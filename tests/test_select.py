@@ -6,7 +6,15 @@ import pyarrow as pa
 import pytest
 
 from semisup_tasks.score import SCHEMA, top_p
-from semisup_tasks.select import select, selection_stats
+from semisup_tasks.select import (
+    NUM_BINS,
+    histogram,
+    keep_candidates,
+    score_bins,
+    select,
+    selection_stats,
+    thresholds,
+)
 
 
 def random_scores(rng: np.random.Generator, images: int, classes: int, p: int) -> pd.DataFrame:
@@ -96,3 +104,66 @@ def test_saturated_scores_tying_across_many_files_stay_exact_and_bounded(monkeyp
     got, _ = select(tables, k=5)
     assert got.column("image_id").to_pylist() == [f"f00-{i:04d}" for i in range(5)]
     assert max(sizes) <= 1000 + 2 * 5  # survivors are settled, not piled up: at most one file plus O(K)
+
+
+def _split(df: pd.DataFrame, parts: int, seed: int) -> list[pa.Table]:
+    shuffled = df.sample(frac=1, random_state=seed)
+    bounds = np.linspace(0, len(df), parts + 1).astype(int)
+    return [pa.Table.from_pandas(shuffled.iloc[a:b], schema=SCHEMA, preserve_index=False)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def map_reduce_map(tables: list[pa.Table], k: int, classes: int, groups: int) -> tuple[pa.Table, dict]:
+    """The sharded path as the DAG runs it: histograms per group, thresholds, filter per file, select."""
+    bounds = np.linspace(0, len(tables), groups + 1).astype(int)
+    hists = [histogram(tables[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    cut = thresholds(hists, k, classes)
+    survivors = [keep_candidates(t, cut["threshold_bin"]) for t in tables]
+    selection, _ = select(survivors, k)
+    return selection, cut
+
+
+@pytest.mark.parametrize("seed,k,p,files,groups", [(0, 5, 1, 1, 1), (1, 7, 3, 8, 3), (2, 50, 10, 7, 7),
+                                                   (3, 1, 2, 5, 2), (4, 200, 3, 4, 2)])
+def test_map_reduce_map_selection_equals_brute_force(seed, k, p, files, groups):
+    rng = np.random.default_rng(seed)
+    df = random_scores(rng, images=600, classes=12, p=p)
+    got, cut = map_reduce_map(_split(df, files, seed), k, 12, groups)
+    want = brute_force(df, k)
+    pd.testing.assert_frame_equal(got.to_pandas()[["image_id", "cls", "score"]],
+                                  want[["image_id", "cls", "score"]], check_dtype=False)
+    assert cut["rows"] == np.bincount(df["cls"], minlength=12).tolist()
+    assert all(c >= min(k, r) for c, r in zip(cut["candidates"], cut["rows"], strict=True))
+
+
+def test_scores_crowded_near_one_spread_over_bins_and_keep_few_candidates():
+    # a saturated teacher: 20,000 rows of one class, all within 1e-4 of 1.0, distinct floats
+    rng = np.random.default_rng(5)
+    score = (1.0 - rng.random(20_000) * 1e-4).astype(np.float32)
+    df = pd.DataFrame({"image_id": [f"i{j:05d}" for j in range(len(score))], "cls": np.int32(0),
+                       "score": score, "shard": "s"})
+    got, cut = map_reduce_map(_split(df, 10, 0), 100, 1, 4)
+    assert len(np.unique(score_bins(score))) > 500  # a linear 16-bit histogram would put them all in one bin
+    assert 100 <= cut["candidates"][0] < 200  # the threshold bin holds only a few extra rows
+    assert cut["min_score_kept"][0] <= float(got.column("score").to_numpy().min())
+    pd.testing.assert_frame_equal(got.to_pandas()[["image_id", "cls", "score"]],
+                                  brute_force(df, 100)[["image_id", "cls", "score"]], check_dtype=False)
+
+
+def test_score_bins_never_rank_a_higher_score_worse():
+    score = np.sort(np.r_[np.float32([0.0, 1e-30, 0.5, 1.0, 1.0000001]),
+                          np.random.default_rng(0).random(10_000).astype(np.float32)])
+    bins = score_bins(score)
+    assert (np.diff(bins) <= 0).all()
+    assert bins.max() == NUM_BINS - 1 and bins.min() == 0
+
+
+def test_thresholds_for_classes_short_of_k_or_without_rows():
+    t = pa.table({"image_id": ["a", "b", "c"], "cls": [0, 0, 2], "score": [0.9, 0.1, 0.5], "shard": ["s"] * 3},
+                 schema=SCHEMA)
+    cut = thresholds([histogram([t])], k=5, num_classes=3)
+    assert cut["threshold_bin"][1] == -1 and cut["min_score_kept"][1] is None
+    assert cut["candidates"] == [2, 0, 1] and cut["rows"] == [2, 0, 1]
+    assert keep_candidates(t, cut["threshold_bin"]).num_rows == 3
+    with pytest.raises(ValueError, match="outside the dataset's 2 classes"):
+        thresholds([histogram([t])], k=5, num_classes=2)

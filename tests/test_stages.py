@@ -148,7 +148,12 @@ def test_stages_out_of_order_say_what_to_run_first(store):
     with pytest.raises(ConfigError, match="no teacher model"):
         run_stage("score", store, "x", params(), shards=["drops/d1/shards/part-00000.parquet"])
     with pytest.raises(ConfigError, match="no teacher model"):
-        run_stage("select", store, "x", params())
+        run_stage("thresholds", store, "x", params())
+    for stage in ("filter", "select"):
+        with pytest.raises(ConfigError, match="no thresholds yet"):
+            run_stage(stage, store, "x", params(), group=0)
+    with pytest.raises(ConfigError, match="The filter stage needs --group."):
+        run_stage("filter", store, "x", params(), shards=["drops/d1/shards/part-00000.parquet"])
     with pytest.raises(ConfigError, match="Unknown stage"):
         run_stage("distill", store, "x", params())
 
@@ -208,6 +213,11 @@ def test_select_says_which_score_files_are_missing(store):
     run_stage("plan", store, "m", params())
     run_stage("train-teacher", store, "m", params())
     with pytest.raises(ConfigError, match="6 score file"):
+        run_stage("thresholds", store, "m", params())
+    for g in range(run_stage("plan", store, "m", params())["score_groups"]):
+        run_stage("score", store, "m", params(), group=g)
+    run_stage("thresholds", store, "m", params())
+    with pytest.raises(ConfigError, match="6 candidate file"):
         run_stage("select", store, "m", params())
 
 
@@ -227,7 +237,27 @@ def test_a_new_drop_with_the_same_teacher_scores_only_the_new_shards(store):
     new = run_stage("score", store, "second", second, shards=d2_shards)
     assert old["skipped_shards"] == len(d1_shards) and old["images"] == 0
     assert new["skipped_shards"] == 0 and new["images"] == 24
+    # scored by shard list, not by group: thresholds builds the groups' histograms from the score files
+    assert run_stage("thresholds", store, "second", second)["rows"] == 96  # 48 images, P = 2
+    for g in range(run_stage("plan", store, "second", second)["score_groups"]):
+        run_stage("filter", store, "second", second, group=g)
     assert run_stage("select", store, "second", second)["selected_pairs"] == 24
+
+
+def test_sharded_selection_equals_one_pass_over_every_score_file(store):
+    from semisup_tasks.select import select
+
+    p = params(k=3, p=2, oracle=False, shards_per_task=1)  # 6 groups of one shard
+    run_pipeline(store, "mrm", p)
+    cut = store.read_json("runs/mrm/thresholds/thresholds.json")
+    assert len(cut["threshold_bin"]) == len(CLASSES) and sum(cut["rows"]) == 96
+    assert 3 * len(CLASSES) <= sum(cut["candidates"]) < 96  # the filter dropped rows, kept enough
+    scores = [store.read_table(k) for k in store.list("cache/scores")]
+    want, _ = select(scores, 3)
+    got = store.read_table("runs/mrm/select/selection.parquet")
+    assert got.select(["image_id", "cls", "score"]).equals(want.select(["image_id", "cls", "score"]))
+    stats = store.read_json("runs/mrm/select/stats.json")
+    assert stats["candidates"] == sum(cut["candidates"]) and stats["rows_scored"] == 96
 
 
 def test_plan_bounds_the_number_of_score_tasks_and_keeps_shard_keys_out_of_its_result(store):
@@ -238,7 +268,7 @@ def test_plan_bounds_the_number_of_score_tasks_and_keeps_shard_keys_out_of_its_r
     assert [len(g) for g in groups] == [2, 2, 2]
     run_stage("train-teacher", store, "g", params(max_score_tasks=4))
     assert run_stage("score", store, "g", params(max_score_tasks=4), group=2)["images"] == 14  # d2: 10 + 4
-    with pytest.raises(ConfigError, match="Score group 3 does not exist"):
+    with pytest.raises(ConfigError, match="Shard group 3 does not exist"):
         run_stage("score", store, "g", params(max_score_tasks=4), group=3)
 
 

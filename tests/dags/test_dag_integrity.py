@@ -65,30 +65,35 @@ def test_retrain_dag_wiring(retrain_dag):
     assert up["train_teacher"] == up["train_baseline"] == up["train_oracle"] == {"plan"}
     assert up["score_groups"] == {"plan"}
     assert up["score"] == {"score_groups", "train_teacher"}
-    assert up["select"] == {"score"}
+    assert up["thresholds"] == {"score"}
+    assert up["filter"] == {"thresholds", "score_groups"}
+    assert up["select"] == {"filter"}
     assert up["pretrain_student"] == {"select"}
     assert up["finetune_student"] == {"pretrain_student"}
     assert up["evaluate"] == {"finetune_student", "train_baseline", "train_oracle"}
 
-    stages = {t.task_id: getattr(t, "stage", None) for t in dag.tasks if t.task_id != "score"}
+    stages = {t.task_id: getattr(t, "stage", None) for t in dag.tasks if t.task_id not in ("score", "filter")}
     assert stages["train_teacher"] == "train-teacher"
     assert stages["evaluate"] == "evaluate"
 
 
-def test_score_is_mapped_over_the_plan_s_shard_group_indices(retrain_dag):
+@pytest.mark.parametrize("task_id", ["score", "filter"])
+def test_score_and_filter_are_mapped_over_the_plan_s_shard_group_indices(retrain_dag, task_id):
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
-    score = retrain_dag.get_task("score")
-    assert isinstance(score, MappedOperator)
-    assert score.partial_kwargs["max_active_tis_per_dagrun"] >= 1
-    assert "task.group" in score.partial_kwargs["map_index_template"]
-    (arg,) = score.expand_input.value.values()
+    mapped = retrain_dag.get_task(task_id)
+    assert isinstance(mapped, MappedOperator)
+    assert mapped.partial_kwargs["stage"] == task_id
+    if task_id == "score":
+        assert mapped.partial_kwargs["max_active_tis_per_dagrun"] >= 1
+    assert "task.group" in mapped.partial_kwargs["map_index_template"]
+    (arg,) = mapped.expand_input.value.values()
     assert arg.operator.task_id == "score_groups" and arg.key == "return_value"
 
 
 def test_report_link_only_on_evaluate(retrain_dag):
     names = {t.task_id: [link.name for link in t.operator_extra_links]
-             for t in retrain_dag.tasks if t.task_id != "score"}
+             for t in retrain_dag.tasks if t.task_id not in ("score", "filter")}
     assert names["evaluate"] == ["semisup report"]
     assert all(not v for k, v in names.items() if k != "evaluate")
 
