@@ -6,9 +6,11 @@
 Writes synthetic top-P predictions (image ids as strings, scores crowded near 1.0 for the top
 class) as Parquet files, then runs each method in its own process so its peak RSS is its own:
 ``read`` (pyarrow reads the three columns: the floor), ``semisup`` (semisup_tasks.select.select,
-one file at a time), ``duckdb`` (QUALIFY row_number() ... <= K) and ``pandas`` (sort, then head per
-group). Every method's selection is checked equal to semisup's. Prints rows/s, seconds, peak RSS
-and ratios against DuckDB measured in the same run.
+one file at a time), ``sharded`` (the DAG's map -> reduce -> map -> reduce: a histogram per file,
+the thresholds, a filter per file, then select over the candidates; run serially here, its
+per-phase times show what the mapped tasks would share), ``duckdb`` (QUALIFY row_number() ... <= K)
+and ``pandas`` (sort, then head per group). Every method's selection is checked equal to
+semisup's. Prints rows/s, seconds, peak RSS and ratios against DuckDB measured in the same run.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def generate(folder: Path, rows: int, classes: int, p: int, rows_per_file: int, 
 def run_method(method: str, folder: Path, k: int, out: Path) -> dict:
     files = sorted(folder.glob("part-*.parquet"))
     start = time.perf_counter()
+    extra: dict = {}
     if method == "read":
         rows = sum(pq.read_table(f, columns=COLUMNS).num_rows for f in files)
         result = None
@@ -64,6 +67,24 @@ def run_method(method: str, folder: Path, k: int, out: Path) -> dict:
 
         result, counts = select((pq.read_table(f, columns=COLUMNS) for f in files), k)
         rows = counts["rows_scored"]
+    elif method == "sharded":
+        from semisup_tasks.select import histogram, keep_candidates, select, thresholds
+
+        phases = {}
+        t = time.perf_counter()
+        hists = [histogram([pq.read_table(f, columns=["cls", "score"])]) for f in files]
+        phases["map: histograms"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cut = thresholds(hists, k, max(int(h.column("cls").to_numpy().max()) for h in hists) + 1)
+        phases["reduce: thresholds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        candidates = [keep_candidates(pq.read_table(f, columns=COLUMNS), cut["threshold_bin"]) for f in files]
+        phases["map: filter"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result, _ = select(candidates, k)
+        phases["reduce: select"] = time.perf_counter() - t
+        rows = sum(cut["rows"])
+        extra = {"phases": phases, "candidates": sum(c.num_rows for c in candidates)}
     elif method == "duckdb":
         import duckdb
 
@@ -87,7 +108,7 @@ def run_method(method: str, folder: Path, k: int, out: Path) -> dict:
         pq.write_table(result.select(COLUMNS).cast(pa.schema([("image_id", pa.string()), ("cls", pa.int32()),
                                                               ("score", pa.float32())])), out)
     return {"method": method, "rows": int(rows), "seconds": seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
 
 
 def main() -> None:
@@ -97,7 +118,7 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=10)
     ap.add_argument("-k", type=int, default=1000)
     ap.add_argument("--rows-per-file", type=int, default=2_000_000)
-    ap.add_argument("--methods", default="read,semisup,duckdb,pandas")
+    ap.add_argument("--methods", default="read,semisup,sharded,duckdb,pandas")
     ap.add_argument("--keep", default=None, help="folder for the generated input (kept and reused)")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,6 +143,11 @@ def main() -> None:
             r = results[method]
             print(f"{method:8s} {r['seconds']:8.2f} s  {r['rows'] / r['seconds'] / 1e6:8.1f} M rows/s  "
                   f"peak RSS {r['peak_rss_mib']:8.0f} MiB", flush=True)
+            for phase, seconds in r.get("phases", {}).items():
+                print(f"    {phase:20s} {seconds:8.2f} s", flush=True)
+            if "candidates" in r:
+                print(f"    candidates {r['candidates']:,} of {r['rows']:,} rows "
+                      f"({r['candidates'] / r['rows']:.2%})", flush=True)
         reference = folder / "result-semisup.parquet"
         for method in results:
             if method not in ("read", "semisup") and reference.exists():

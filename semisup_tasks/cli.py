@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True)
     p.add_argument("--params-json", default="{}", help="pipeline params as a JSON object")
     p.add_argument("--shards", nargs="*", default=None, help="shard keys (score stage)")
-    p.add_argument("--group", type=int, default=None, help="index of one of the plan's shard groups (score and filter stages)")
+    p.add_argument("--group", type=int, default=None,
+                   help="index of one of the plan's shard groups (score and filter stages)")
     p.add_argument("--result-file", default=None)
 
     p = sub.add_parser("run", help="run the whole pipeline in this process, without Airflow")

@@ -13,9 +13,10 @@ rows spread over parallel tasks and only the last step is serial:
 3. :func:`keep_candidates` per score file: the rows in or above their class's threshold bin;
 4. :func:`select` over those candidates: the exact top-K.
 
-Bins are the top 16 bits of the float32 ``1 - score``: log-spaced in the distance to 1.0, so
-softmax scores crowded near 1.0 spread over many bins (down to one float apart) instead of
-piling into one, and the candidates stay close to K per class.
+Bins come from a float32's top 16 bits: of ``1 - score`` from 0.5 up, log-spaced in the distance
+to 1.0, so softmax scores crowded near 1.0 spread over many bins (down to one float apart)
+instead of piling into one; of the score below 0.5, log-spaced towards 0. The candidates stay
+close to K per class whether a class's K-th score is 0.9999 or 0.001.
 """
 
 from __future__ import annotations
@@ -107,26 +108,34 @@ def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
     return top_k_per_class(survivors, k), {"rows_scored": rows}
 
 
-BIN_SHIFT = 16
-NUM_BINS = (0x3F800000 >> BIN_SHIFT) + 1  # bins of 1 - score in [0, 1]: 0 (score 1.0) to 16256 (score 0)
+BIN_SHIFT = 16  # bins keep a float32's top 16 bits: sign, exponent and 7 mantissa bits (128 bins per octave)
+HALF_BIN = 0x3F000000 >> BIN_SHIFT  # the bin of 0.5
+NUM_BINS = 2 * HALF_BIN + 1  # 0 (score 1.0) ... HALF_BIN (score 0.5) ... 2 * HALF_BIN (score 0)
 HIST_SCHEMA = pa.schema([("cls", pa.int32()), ("bin", pa.int32()), ("count", pa.int64())])
 
 
 def score_bins(score: np.ndarray) -> np.ndarray:
-    """Bin of each score; a higher score never gets a larger bin.
+    """Bin of each score (0 is best); a higher score never gets a larger bin.
 
-    ``1 - score`` is exact in float64 for a float32 score, and rounding it to float32 keeps the
-    order, so the bins are monotone; a float32's top bits order like its value when it is not
-    negative. Scores above 1.0 (rounding) count as 1.0.
+    From 0.5 up the bins follow the float32 ``1 - score`` (exact there), log-spaced in the distance
+    to 1.0, so scores crowded near 1.0 spread over bins as fine as the floats themselves; below
+    0.5 they follow the score, log-spaced towards 0. A non-negative float's top bits order like
+    its value. Scores above 1.0 (rounding) count as 1.0.
     """
-    distance = np.maximum(1.0 - np.asarray(score, dtype=np.float64), 0.0).astype(np.float32)
-    return (distance.view(np.uint32) >> np.uint32(BIN_SHIFT)).astype(np.int32)
+    s = np.minimum(np.asarray(score, dtype=np.float32) + np.float32(0.0), np.float32(1.0))  # -0.0 -> 0.0
+    high = (np.float32(1.0) - s).view(np.uint32) >> np.uint32(BIN_SHIFT)
+    low = np.uint32(2 * HALF_BIN) - (s.view(np.uint32) >> np.uint32(BIN_SHIFT))
+    return np.where(s >= np.float32(0.5), high, low).astype(np.int32)
 
 
 def bin_floor(bin_: int) -> float:
     """The lowest score that falls in ``bin_``."""
-    top = np.array([((int(bin_) + 1) << BIN_SHIFT) - 1], dtype=np.uint32).view(np.float32)[0]
-    return float(max(0.0, 1.0 - float(top)))
+    if bin_ <= HALF_BIN:
+        top_distance = np.array([((bin_ + 1) << BIN_SHIFT) - 1], dtype=np.uint32).view(np.float32)[0]
+        exact = 1.0 - float(top_distance)  # float64: exact; the float32 above it is the bin's lowest score
+        lowest = np.float32(exact)
+        return float(max(np.float32(0.5), lowest if float(lowest) >= exact else np.nextafter(lowest, np.float32(1))))
+    return float(np.array([(2 * HALF_BIN - bin_) << BIN_SHIFT], dtype=np.uint32).view(np.float32)[0])
 
 
 def histogram(tables: Iterable[pa.Table]) -> pa.Table:
@@ -155,21 +164,29 @@ def thresholds(histograms: Iterable[pa.Table], k: int, num_classes: int) -> dict
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     merged = pa.concat_tables([h.cast(HIST_SCHEMA) for h in histograms] or [HIST_SCHEMA.empty_table()])
-    merged = merged.group_by(["cls", "bin"]).aggregate([("count", "sum")]).sort_by([("cls", "ascending"),
-                                                                                    ("bin", "ascending")])
-    cls, bins = merged.column("cls").to_numpy(), merged.column("bin").to_numpy()
-    counts = merged.column("count_sum").to_numpy()
+    cell_of_row = merged.column("cls").to_numpy().astype(np.int64) * NUM_BINS + merged.column("bin").to_numpy()
+    cells, where = np.unique(cell_of_row, return_inverse=True)  # sorted by class, then bin
+    counts = np.bincount(where, weights=merged.column("count").to_numpy(), minlength=len(cells)).astype(np.int64)
+    cls, bins = cells // NUM_BINS, cells % NUM_BINS
     if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
         raise ValueError(f"score files name class {int(cls.max())}, outside the dataset's {num_classes} classes")
     threshold = np.full(num_classes, -1, dtype=np.int64)  # -1: no row of this class at all
     candidates = np.zeros(num_classes, dtype=np.int64)
     rows = np.bincount(cls, weights=counts, minlength=num_classes).astype(np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(cls)) + 1].astype(np.int64) if len(cls) else np.empty(0, np.int64)
-    for start, end in zip(starts, np.r_[starts[1:], len(cls)], strict=True):
-        running = np.cumsum(counts[start:end])
-        at = min(int(np.searchsorted(running, k)), end - start - 1)  # first bin reaching K, else the last
-        threshold[cls[start]] = bins[start + at]
-        candidates[cls[start]] = running[at]
+    if len(cls):
+        starts = np.r_[0, np.flatnonzero(np.diff(cls)) + 1]
+        ends = np.r_[starts[1:], len(cls)] - 1
+        running = np.cumsum(counts)
+        within = running - np.repeat(running[starts] - counts[starts], np.diff(np.r_[starts, len(cls)]))
+        # per class: the first bin whose running count reaches K, else the class's last bin
+        reach = np.flatnonzero(within >= k)
+        first_reach = np.full(len(starts), -1, dtype=np.int64)
+        owner = np.searchsorted(starts, reach, side="right") - 1
+        classes_reaching, first = np.unique(owner, return_index=True)  # reach is sorted: first per class
+        first_reach[classes_reaching] = reach[first]
+        at = np.where(first_reach >= 0, first_reach, ends)
+        threshold[cls[starts]] = bins[at]
+        candidates[cls[starts]] = within[at]
     return {"k": k, "bin_shift": BIN_SHIFT, "threshold_bin": threshold.tolist(),
             "min_score_kept": [bin_floor(b) if b >= 0 else None for b in threshold.tolist()],
             "candidates": candidates.tolist(), "rows": rows.tolist()}

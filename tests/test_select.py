@@ -8,6 +8,7 @@ import pytest
 from semisup_tasks.score import SCHEMA, top_p
 from semisup_tasks.select import (
     NUM_BINS,
+    bin_floor,
     histogram,
     keep_candidates,
     score_bins,
@@ -167,3 +168,11 @@ def test_thresholds_for_classes_short_of_k_or_without_rows():
     assert keep_candidates(t, cut["threshold_bin"]).num_rows == 3
     with pytest.raises(ValueError, match="outside the dataset's 2 classes"):
         thresholds([histogram([t])], k=5, num_classes=2)
+
+
+def test_bin_floor_is_the_lowest_score_of_its_bin():
+    score = np.random.default_rng(1).random(20_000).astype(np.float32)
+    bins = score_bins(score)
+    for b in np.unique(bins)[::97]:
+        assert bin_floor(int(b)) <= score[bins == b].min()
+        assert score_bins(np.float32([bin_floor(int(b))]))[0] == b
