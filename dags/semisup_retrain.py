@@ -16,7 +16,8 @@ classification* (2019), over the object store given by the `store` param:
    one of its `k` best rows. **filter** — one mapped task per shard group keeps only the rows
    at or above their class's threshold. **select** — the exact `k` best per class among those
    candidates (ties: score desc, image id asc).
-5. **pretrain_student** on the selected set, then **finetune_student** on the labeled set.
+5. **materialize** — the selected images decoded once into shuffled training parts; then
+   **pretrain_student** streams them, then **finetune_student** on the labeled set.
 6. **evaluate** — top-1/top-5, per-class and head/tail recall for teacher, baseline, student
    and oracle; the *semisup report* link on this task opens the run's report.
 
@@ -70,10 +71,11 @@ with DAG(
         task_id="filter", stage="filter", map_index_template=GROUP_MAP_INDEX_TEMPLATE,
     ).expand(group=groups)
     select = SemisupStageOperator(task_id="select", stage="select")
+    materialize = SemisupStageOperator(task_id="materialize", stage="materialize")
     pretrain = SemisupStageOperator(task_id="pretrain_student", stage="pretrain-student")
     finetune = SemisupStageOperator(task_id="finetune_student", stage="finetune-student")
     evaluate = SemisupStageOperator(task_id="evaluate", stage="evaluate")
 
     plan >> [teacher, baseline, oracle]
-    teacher >> score >> thresholds >> filter_ >> select >> pretrain >> finetune >> evaluate
+    teacher >> score >> thresholds >> filter_ >> select >> materialize >> pretrain >> finetune >> evaluate
     [baseline, oracle] >> evaluate

@@ -105,15 +105,21 @@ def _recipe(params: PipelineParams, stage: str):
                   seed=params.seed * 100 + offset)
 
 
-def _train_new(arch: str, ds: dict, x: np.ndarray, y: np.ndarray, recipe, name: str):
-    """A freshly initialised model trained on (x, y); seeded first so the same seed gives the same weights."""
+def _new_model(arch: str, ds: dict, recipe):
+    """A freshly initialised model, seeded first so the same seed gives the same weights."""
     import torch
 
     from .models import build_model
-    from .train import train
 
     torch.manual_seed(recipe.seed)
-    model = build_model(arch, ds["channels"], len(ds["classes"]), tuple(ds["image_size"]))
+    return build_model(arch, ds["channels"], len(ds["classes"]), tuple(ds["image_size"]))
+
+
+def _train_new(arch: str, ds: dict, x: np.ndarray, y: np.ndarray, recipe, name: str):
+    """A new model trained on in-memory (x, y)."""
+    from .train import train
+
+    model = _new_model(arch, ds, recipe)
     return model, train(model, x, y, recipe, name=name)
 
 
@@ -410,16 +416,34 @@ def _write_samples(ctx: RunContext, selection: pa.Table, ds: dict) -> dict | Non
         return None
 
 
-def pretrain_student(ctx: RunContext) -> dict:
+def materialize(ctx: RunContext) -> dict:
+    """The selected set as shuffled training parts of decoded pixels (``trainset/``), read by pre-training."""
+    from .trainshards import write_training_shards
+
     ds = ctx.dataset()
     if ctx.committed("select") is None:
         raise ConfigError(f"Run {ctx.run_id!r} has no selection yet; run the select stage first.")
-    selection = ctx.store.read_table(ctx.key("select", "selection.parquet"))
+    selection = ctx.store.read_table(ctx.key("select", "selection.parquet"), columns=["image_id", "shard", "cls"])
     if selection.num_rows == 0:
         raise ConfigError("The selection is empty: the teacher selected no image; check the drops and K.")
-    x, y = _images_and_labels(ctx.store, selection, "cls", ds)
+    manifest = write_training_shards(ctx.store, ctx.key("trainset"), selection, ds["channels"],
+                                     tuple(ds["image_size"]), seed=ctx.params.seed)
+    return {"trainset": ctx.store.url(ctx.key("trainset", "manifest.json")), "rows": manifest["count"],
+            "parts": len(manifest["parts"])}
+
+
+def pretrain_student(ctx: RunContext) -> dict:
+    """The student on the selected set, streamed from the training parts (never all in memory)."""
+    from .train import train_stream
+    from .trainshards import ShardStream
+
+    ds = ctx.dataset()
+    if ctx.committed("trainset") is None:
+        raise ConfigError(f"Run {ctx.run_id!r} has no training set yet; run the materialize stage first.")
+    recipe = _recipe(ctx.params, "pretrain-student")
     arch = ctx.params.student_arch
-    model, summary = _train_new(arch, ds, x, y, _recipe(ctx.params, "pretrain-student"), "student_pretrained")
+    model = _new_model(arch, ds, recipe)
+    summary = train_stream(model, ShardStream(ctx.store, ctx.key("trainset")), recipe, name="student_pretrained")
     return _save_model(ctx, "student_pretrained", model, arch, ds, summary)
 
 
@@ -516,11 +540,13 @@ STAGES: dict[str, Callable[..., dict]] = {
     "thresholds": thresholds_stage,
     "filter": filter_candidates,
     "select": select_stage,
+    "materialize": materialize,
     "pretrain-student": pretrain_student,
     "finetune-student": finetune_student,
     "evaluate": evaluate_stage,
 }
-STAGE_DIRS = {"plan": "plan", "thresholds": "thresholds", "select": "select", "evaluate": "evaluate", **MODEL_STAGES}
+STAGE_DIRS = {"plan": "plan", "thresholds": "thresholds", "select": "select", "materialize": "trainset",
+              "evaluate": "evaluate", **MODEL_STAGES}
 
 
 GROUP_STAGES = ("score", "filter")  # mapped over the plan's shard groups; no manifest of their own
@@ -572,6 +598,6 @@ def run_pipeline(store: Store, run_id: str, params: dict) -> dict:
     results["score"] = [run_stage("score", store, run_id, params, group=g) for g in groups]
     results["thresholds"] = run_stage("thresholds", store, run_id, params)
     results["filter"] = [run_stage("filter", store, run_id, params, group=g) for g in groups]
-    for name in ("select", "pretrain-student", "finetune-student", "evaluate"):
+    for name in ("select", "materialize", "pretrain-student", "finetune-student", "evaluate"):
         results[name] = run_stage(name, store, run_id, params)
     return results["evaluate"]

@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from semisup_tasks import datasets
@@ -67,6 +68,14 @@ def test_pipeline_end_to_end_writes_every_output(store):
     assert sel["pseudo_label_precision"] is not None and sel["pseudo_label_precision"] > 0.8
     # one cached score file per drop shard (24 images in shards of 10 -> 3 per drop)
     assert len(store.list("cache/scores")) == 6
+    # pre-training read the selection from its shuffled training parts: every selected pair once
+    trainset = store.read_json("runs/r1/trainset/manifest.json")
+    assert trainset["count"] == sel["selected_pairs"] == 24
+    assert metrics["models"]["student_pretrained"]["top1"] > 0.8
+    picked = store.read_table("runs/r1/select/selection.parquet")
+    parts = [store.read_table(p["key"]) for p in trainset["parts"]]
+    assert sorted(zip(*(pa.concat_tables(parts).column(c).to_pylist() for c in ("image_id", "label")), strict=True)) \
+        == sorted(zip(*(picked.column(c).to_pylist() for c in ("image_id", "cls")), strict=True))
     for name in ("report.md", "report.html", "per_class_recall.png", "selection_histogram.png"):
         assert store.exists(f"runs/r1/evaluate/{name}")
     # thumbnails of each class's picks for a person to check: 8 per class (4 best, 4 at the threshold)

@@ -68,7 +68,8 @@ def test_retrain_dag_wiring(retrain_dag):
     assert up["thresholds"] == {"score"}
     assert up["filter"] == {"thresholds", "score_groups"}
     assert up["select"] == {"filter"}
-    assert up["pretrain_student"] == {"select"}
+    assert up["materialize"] == {"select"}
+    assert up["pretrain_student"] == {"materialize"}
     assert up["finetune_student"] == {"pretrain_student"}
     assert up["evaluate"] == {"finetune_student", "train_baseline", "train_oracle"}
 
