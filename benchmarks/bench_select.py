@@ -72,10 +72,14 @@ def run_method(method: str, folder: Path, k: int, out: Path) -> dict:
 
         phases = {}
         t = time.perf_counter()
-        hists = [histogram([pq.read_table(f, columns=["cls", "score"])]) for f in files]
+        hist_files = []
+        for f in files:  # as each mapped score task does: one histogram object per group
+            hist_files.append(folder / f"hist-{f.stem}.parquet")
+            pq.write_table(histogram([pq.read_table(f, columns=["cls", "score"])]), hist_files[-1])
         phases["map: histograms"] = time.perf_counter() - t
         t = time.perf_counter()
-        cut = thresholds(hists, k, max(int(h.column("cls").to_numpy().max()) for h in hists) + 1)
+        classes = max(int(pq.read_table(h, columns=["cls"]).column("cls").to_numpy().max()) for h in hist_files) + 1
+        cut = thresholds(lambda: (pq.read_table(h) for h in hist_files), k, classes)
         phases["reduce: thresholds"] = time.perf_counter() - t
         t = time.perf_counter()
         candidates = [keep_candidates(pq.read_table(f, columns=COLUMNS), cut["threshold_bin"]) for f in files]

@@ -322,13 +322,15 @@ def thresholds_stage(ctx: RunContext) -> dict:
     from .select import histogram, thresholds
 
     groups = _all_score_keys(ctx)
-    hists = []
-    for g, keys in enumerate(groups):
-        key = _histogram_key(ctx, g)
-        # a group scored by shard list (the CLI) has no histogram yet: build it from its score files
-        hists.append(ctx.store.read_table(key) if ctx.store.exists(key) else
-                     histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in keys))
-    cut = thresholds(hists, ctx.params.k, len(ctx.dataset()["classes"]))
+
+    def group_histograms():  # read again for each block of classes: never all in memory
+        for g, keys in enumerate(groups):
+            key = _histogram_key(ctx, g)
+            # a group scored by shard list (the CLI) has no histogram yet: build it from its score files
+            yield (ctx.store.read_table(key) if ctx.store.exists(key) else
+                   histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in keys))
+
+    cut = thresholds(group_histograms, ctx.params.k, len(ctx.dataset()["classes"]))
     cut["scores"] = _score_prefix(ctx)
     cut["digest"] = hashlib.sha256(json.dumps(cut, sort_keys=True).encode()).hexdigest()
     ctx.store.write_json(ctx.key("thresholds", "thresholds.json"), cut)
