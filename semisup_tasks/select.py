@@ -73,36 +73,55 @@ def _keep_top_k_with_ties(table: pa.Table, k: int) -> tuple[pa.Table, np.ndarray
     return table.take(pa.array(keep)), floor_by_class
 
 
+MERGE_ROWS = 1 << 20  # small tables wait for this many rows (or the survivors' count) before a merge
+
+
 def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
     """Stream score tables into the exact per-class top-K; returns (selection, {"rows_scored": n}).
 
     Per table: rows below a class's current K-th key cannot enter and are cut by one vectorised
-    compare; the rest join the survivors, which are cut back to K per class (plus rows tying with
-    the K-th score) with a numeric sort. One exact sort with the image-id tie-break runs at the
-    end, on at most about C*K rows. Memory: the survivors plus one table, whatever the pool size.
+    compare; the rest wait until they are as many as the survivors (or MERGE_ROWS), then join
+    them and are cut back to K per class (plus rows tying with the K-th score) with a numeric
+    sort, so many small tables cost no more sorting than a few large ones. One exact sort with
+    the image-id tie-break runs at the end, on about C*K rows. Memory: the survivors, as many
+    waiting rows, and one table, whatever the pool size.
     """
     survivors: pa.Table | None = None
     floor = np.empty(0, dtype=np.uint64)  # per class: the K-th best key so far, max while < K
-    rows = 0
-    for table in tables:
-        rows += table.num_rows
-        if table.num_rows == 0:
-            continue
-        if survivors is not None:
-            key = _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())
-            row_cls = (key >> np.uint64(32)).astype(np.int64)
-            if row_cls.max() >= len(floor):
-                floor = np.concatenate([floor, np.full(row_cls.max() + 1 - len(floor), np.iinfo(np.uint64).max,
-                                                       dtype=np.uint64)])
-            passing = np.flatnonzero(key <= floor[row_cls])
-            if len(passing) == 0:
-                continue  # nothing in this table can rank: the survivors stand
-            table = pa.concat_tables([survivors, table.select(survivors.column_names).take(pa.array(passing))])
+    waiting: list[pa.Table] = []
+    waiting_rows = rows = 0
+
+    def merge() -> None:
+        nonlocal survivors, floor, waiting, waiting_rows
+        table = pa.concat_tables(([survivors] if survivors is not None else []) + waiting)
         survivors, floor = _keep_top_k_with_ties(table, k)
         if survivors.num_rows > 2 * k * len(floor):
             # many rows tie at K-th scores (saturated softmax): settle the ties by image id now, so
             # memory stays O(C*K); exact, since a tied row with a larger id can never re-enter
             survivors = top_k_per_class(survivors, k)
+        waiting, waiting_rows = [], 0
+
+    for table in tables:
+        rows += table.num_rows
+        if table.num_rows == 0:
+            continue
+        if survivors is not None:
+            table = table.select(survivors.column_names)
+            key = _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())
+            row_cls = (key >> np.uint64(32)).astype(np.int64)
+            if row_cls.max() >= len(floor):
+                floor = np.concatenate([floor, np.full(row_cls.max() + 1 - len(floor), np.iinfo(np.uint64).max,
+                                                       dtype=np.uint64)])
+            passing = np.flatnonzero(key <= floor[row_cls])  # an older floor only cuts less: still exact
+            if len(passing) == 0:
+                continue  # nothing in this table can rank: the survivors stand
+            table = table.take(pa.array(passing))
+        waiting.append(table)
+        waiting_rows += table.num_rows
+        if waiting_rows >= max(MERGE_ROWS, survivors.num_rows if survivors is not None else 0):
+            merge()
+    if waiting:
+        merge()
     if survivors is None:
         raise ValueError("no score files to select from")
     return top_k_per_class(survivors, k), {"rows_scored": rows}

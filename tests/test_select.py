@@ -32,8 +32,12 @@ def brute_force(df: pd.DataFrame, k: int) -> pd.DataFrame:
     return ranked.groupby("cls", sort=True).head(k).reset_index(drop=True)
 
 
+@pytest.mark.parametrize("merge_rows", [1, 1 << 20])  # merge after every table, or once at the end
 @pytest.mark.parametrize("seed,k,p,files", [(0, 5, 1, 1), (1, 7, 3, 4), (2, 50, 10, 7), (3, 1, 2, 3)])
-def test_select_matches_brute_force(seed, k, p, files):
+def test_select_matches_brute_force(seed, k, p, files, merge_rows, monkeypatch):
+    import semisup_tasks.select as sel_mod
+
+    monkeypatch.setattr(sel_mod, "MERGE_ROWS", merge_rows)
     rng = np.random.default_rng(seed)
     df = random_scores(rng, images=600, classes=12, p=p)
     assert df.duplicated(["cls", "score"]).any(), "the test needs ties"
@@ -100,11 +104,26 @@ def test_saturated_scores_tying_across_many_files_stay_exact_and_bounded(monkeyp
     sizes = []
     real = sel_mod._keep_top_k_with_ties
     monkeypatch.setattr(sel_mod, "_keep_top_k_with_ties", lambda t, k: sizes.append(t.num_rows) or real(t, k))
+    monkeypatch.setattr(sel_mod, "MERGE_ROWS", 1)
     tables = [pa.table({"image_id": [f"f{f:02d}-{i:04d}" for i in range(1000)], "cls": [0] * 1000,
                         "score": [1.0] * 1000, "shard": ["s"] * 1000}, schema=SCHEMA) for f in range(20)]
     got, _ = select(tables, k=5)
     assert got.column("image_id").to_pylist() == [f"f00-{i:04d}" for i in range(5)]
     assert max(sizes) <= 1000 + 2 * 5  # survivors are settled, not piled up: at most one file plus O(K)
+
+
+def test_many_small_tables_merge_a_logarithmic_number_of_times(monkeypatch):
+    import semisup_tasks.select as sel_mod
+
+    merges = []
+    real = sel_mod._keep_top_k_with_ties
+    monkeypatch.setattr(sel_mod, "_keep_top_k_with_ties", lambda t, k: merges.append(t.num_rows) or real(t, k))
+    monkeypatch.setattr(sel_mod, "MERGE_ROWS", 1)
+    df = random_scores(np.random.default_rng(9), images=4000, classes=4, p=1)
+    tables = _split(df, 200, 9)  # 20 rows each; K = 10^4 keeps every row, so nothing is ever cut
+    got, _ = select(tables, k=10_000)
+    assert got.num_rows == 4000
+    assert len(merges) <= 10  # waiting rows double the survivors each time, not one merge per table
 
 
 def _split(df: pd.DataFrame, parts: int, seed: int) -> list[pa.Table]:
