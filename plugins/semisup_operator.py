@@ -14,8 +14,8 @@ Construction is cheap (no I/O, no torch). At run time the operator:
 Exit status 2 from the stage (a user error: bad params, missing dataset) raises
 ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
 
-The score stage is mapped over group indices: :func:`score_groups` turns the plan's group count
-into ``[0, 1, ...]`` (Airflow 3.3 cannot map over a custom XCom key, and the shard keys
+The score and filter stages are mapped over group indices: :func:`score_groups` turns the plan's
+group count into ``[0, 1, ...]`` (Airflow 3.3 cannot map over a custom XCom key, and the shard keys
 themselves stay in the store, since at scale they would be far too big for XCom).
 """
 
@@ -93,7 +93,7 @@ class SemisupStageOperator(BaseOperator):
 
     :param stage: stage name, e.g. ``plan``, ``train-teacher``, ``score``, ``evaluate``.
     :param shards: shard keys for the ``score`` stage.
-    :param group: index of one of the plan's shard groups for the ``score`` stage (mappable:
+    :param group: index of one of the plan's shard groups for the ``score`` and ``filter`` stages (mappable:
         ``SemisupStageOperator.partial(...).expand(group=score_groups(plan.output))``).
     :param store: store root URI; defaults to the DAG run's ``store`` param. A relative
         ``file://`` URI is made absolute against the worker's working directory.
@@ -127,7 +127,7 @@ class SemisupStageOperator(BaseOperator):
 
     @property
     def operator_extra_links(self):  # type: ignore[override]
-        # Only the evaluate task has a report; mapped operators (score) have no `stage` here.
+        # Only the evaluate task has a report; mapped operators (score, filter) have no `stage` here.
         if getattr(self, "stage", None) == REPORT_TASK_STAGE:
             return (SemisupReportLink(),)
         return ()

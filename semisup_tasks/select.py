@@ -1,8 +1,8 @@
 """Selection: exact top-K images per class over every image's top-P rows.
 
 Ties are broken by score descending, then image id ascending, so the result does not depend
-on the order the score files are read in. Memory holds the survivors (about C*K rows) plus
-one score file at a time, whatever the pool size.
+on the order the score files are read in. Memory holds the survivors (about C*K rows), as many
+rows waiting to be merged with them, and one score file, whatever the pool size.
 
 Across many score files it runs as map -> reduce -> map -> reduce, so the passes over all
 rows spread over parallel tasks and only the last step is serial:
@@ -42,15 +42,29 @@ def top_k_per_class(table: pa.Table, k: int) -> pa.Table:
     return ranked.filter(pa.array(rank < k))
 
 
+def _checked_scores(score: np.ndarray) -> np.ndarray:
+    score = np.ascontiguousarray(score, dtype=np.float32)
+    if not (score >= 0).all():  # also catches NaN: a diverged teacher must not look confident
+        raise ValueError("Scores must be non-negative numbers (softmax probabilities), but a score file holds a "
+                         "negative or NaN score; rescore with a working teacher.")
+    return score
+
+
+def _checked_classes(cls: np.ndarray, num_classes: int) -> np.ndarray:
+    if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
+        bad = int(cls.min()) if cls.min() < 0 else int(cls.max())
+        raise ValueError(f"A score file names class {bad}, outside the dataset's {num_classes} classes; rescore "
+                         "with a teacher trained on this dataset.")
+    return cls
+
+
 def _rank_key(cls: np.ndarray, score: np.ndarray) -> np.ndarray:
     """One uint64 per row that sorts by class ascending, then score descending.
 
     Non-negative float32 scores order like their bit patterns, so the key needs no float
     compare and ties in (class, score) stay ties: image ids break them later, on few rows.
     """
-    score = np.ascontiguousarray(score, dtype=np.float32)
-    if not (score >= 0).all():  # also catches NaN: a diverged teacher must not look confident
-        raise ValueError("scores must be non-negative numbers (softmax probabilities); found a negative or NaN")
+    score = _checked_scores(score)
     bits = (score + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0
     return (cls.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - bits.astype(np.uint64))
 
@@ -101,12 +115,14 @@ def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
             survivors = top_k_per_class(survivors, k)
         waiting, waiting_rows = [], 0
 
+    columns: list[str] | None = None
     for table in tables:
         rows += table.num_rows
         if table.num_rows == 0:
             continue
+        columns = columns or table.column_names
+        table = table.select(columns)  # tables may list their columns in another order
         if survivors is not None:
-            table = table.select(survivors.column_names)
             key = _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())
             row_cls = (key >> np.uint64(32)).astype(np.int64)
             if row_cls.max() >= len(floor):
@@ -123,7 +139,7 @@ def select(tables: Iterable[pa.Table], k: int) -> tuple[pa.Table, dict]:
     if waiting:
         merge()
     if survivors is None:
-        raise ValueError("no score files to select from")
+        raise ValueError("There are no score rows to select from; score the drops first.")
     return top_k_per_class(survivors, k), {"rows_scored": rows}
 
 
@@ -161,19 +177,25 @@ def bin_floor(bin_: int) -> float:
 
 
 def histogram(tables: Iterable[pa.Table]) -> pa.Table:
-    """Rows per (class, score bin) over score tables: the map step, a few thousand rows per class at most."""
-    parts = []
+    """Rows per (class, score bin) over score tables: the map step. Counts go to a dense
+    (classes x bins) array, so memory does not grow with the rows (16 MB at 1000 classes)."""
+    counts = np.zeros(0, dtype=np.int64)
     for table in tables:
         if table.num_rows == 0:
             continue
-        _rank_key(table.column("cls").to_numpy(), table.column("score").to_numpy())  # rejects NaN/negatives
-        cell = table.column("cls").to_numpy().astype(np.int64) * NUM_BINS + score_bins(table.column("score").to_numpy())
-        parts.append(cell)
-    if not parts:
-        return HIST_SCHEMA.empty_table()
-    cells, counts = np.unique(np.concatenate(parts), return_counts=True)
+        cls = table.column("cls").to_numpy()
+        if cls.min() < 0:
+            _checked_classes(cls, 0)
+        cell = cls.astype(np.int64) * NUM_BINS + score_bins(_checked_scores(table.column("score").to_numpy()))
+        add = np.bincount(cell, minlength=len(counts))
+        if len(add) > len(counts):
+            add[:len(counts)] += counts
+            counts = add
+        else:
+            counts += add
+    cells = np.flatnonzero(counts)
     return pa.table({"cls": (cells // NUM_BINS).astype(np.int32), "bin": (cells % NUM_BINS).astype(np.int32),
-                     "count": counts.astype(np.int64)}, schema=HIST_SCHEMA)
+                     "count": counts[cells]}, schema=HIST_SCHEMA)
 
 
 REDUCE_BYTES = 256 << 20  # the dense per-class counts of the thresholds step: classes are done in blocks
@@ -192,7 +214,9 @@ def thresholds(histograms: Callable[[], Iterable[pa.Table]] | Sequence[pa.Table]
     iterable) is read once per block of classes.
     """
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise ValueError(f"K must be at least 1, but it is {k}.")
+    if not callable(histograms) and not isinstance(histograms, Sequence):
+        histograms = list(histograms)  # a one-shot iterable would be empty for the second block of classes
     threshold = np.full(num_classes, -1, dtype=np.int64)  # -1: no row of this class at all
     candidates = np.zeros(num_classes, dtype=np.int64)
     rows = np.zeros(num_classes, dtype=np.int64)
@@ -201,10 +225,7 @@ def thresholds(histograms: Callable[[], Iterable[pa.Table]] | Sequence[pa.Table]
         last = min(num_classes, first + block)
         counts = np.zeros((last - first) * NUM_BINS, dtype=np.int64)
         for hist in (histograms() if callable(histograms) else histograms):
-            cls = hist.column("cls").to_numpy()
-            if len(cls) and (cls.min() < 0 or cls.max() >= num_classes):
-                raise ValueError(f"score files name class {int(cls.max())}, outside the dataset's {num_classes} "
-                                 "classes")
+            cls = _checked_classes(hist.column("cls").to_numpy(), num_classes)
             mine = (cls >= first) & (cls < last)
             cell = (cls[mine].astype(np.int64) - first) * NUM_BINS + hist.column("bin").to_numpy()[mine]
             n = hist.column("count").to_numpy()[mine]
@@ -219,7 +240,6 @@ def thresholds(histograms: Callable[[], Iterable[pa.Table]] | Sequence[pa.Table]
         reaching = running >= k
         # the first bin whose running count reaches K; a class short of K keeps up to its last row
         at = np.where(reaching[:, -1], reaching.argmax(axis=1), (running < total[:, None]).sum(axis=1))
-        at = np.minimum(at, NUM_BINS - 1)
         threshold[first:last] = np.where(present, at, -1)
         candidates[first:last] = np.where(present, running[np.arange(last - first), at], 0)
         rows[first:last] = total
@@ -233,8 +253,8 @@ def keep_candidates(table: pa.Table, threshold_bin: list[int] | np.ndarray) -> p
     if table.num_rows == 0:
         return table
     limit = np.asarray(threshold_bin, dtype=np.int64)
-    cls = table.column("cls").to_numpy()
-    keep = score_bins(table.column("score").to_numpy()) <= limit[cls]
+    cls = _checked_classes(table.column("cls").to_numpy(), len(limit))
+    keep = score_bins(_checked_scores(table.column("score").to_numpy())) <= limit[cls]
     return table.filter(pa.array(keep))
 
 

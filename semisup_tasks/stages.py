@@ -66,10 +66,14 @@ class RunContext:
         plan = self.plan()
         return datasets.load_dataset_manifest(self.store, plan["dataset"], plan["dataset_version"])
 
+    def fingerprint(self) -> dict:
+        """What a stage's output depends on besides its inputs: the params and the code."""
+        return {"params": self.params.to_dict(), "code_version": code_version()}
+
     def committed(self, stage_dir: str) -> dict | None:
-        """The recorded result of a stage of this run, or None when it has not committed."""
-        key = self.key(stage_dir, SUCCESS)
-        return self.store.read_json(key)["result"] if self.store.exists(key) else None
+        """The result a stage of this run recorded with these params, or None: the output of a
+        run with other params (another K, another teacher) is never read."""
+        return self.manifest_matches(stage_dir, self.fingerprint())
 
     def manifest_matches(self, stage_dir: str, fingerprint: dict) -> dict | None:
         key = self.key(stage_dir, SUCCESS)
@@ -261,78 +265,97 @@ def score(ctx: RunContext, shards: list[str], group: int | None) -> dict:
     result = _score_shards(ctx, todo, keys) if todo else {"outputs": [], "images": 0, "rows": 0}
     result["skipped_shards"] = len(shards) - len(todo)
     if group is not None:
-        hist = histogram(ctx.store.read_table(keys[s], columns=["cls", "score"]) for s in shards)
-        ctx.store.write_table(_histogram_key(ctx, group), hist)
+        score_keys = [keys[s] for s in shards]
+        hist = histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in score_keys)
+        ctx.store.write_table(_histogram_key(ctx, score_keys), hist)
         result["histogram_cells"] = hist.num_rows
     return result
 
 
-def _score_prefix(ctx: RunContext) -> str:
+def _score_prefix(ctx: RunContext, precision: str | None = None) -> str:
     """``cache/scores/teacher-<arch>-<weights>-p<P>-<precision>``: whose scores these are."""
     from .score import scoring_precision
 
     trained = _model_result(ctx, "teacher")
     teacher = f"{trained['arch']}-{trained['weights_sha256'][:16]}"
     # bf16 on GPU and fp32 on CPU give slightly different scores: never mix them in one selection
-    return join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}-{scoring_precision()}")
+    return join("cache", "scores", f"teacher-{teacher}-p{ctx.params.p}-{precision or scoring_precision()}")
 
 
-def _score_keys(ctx: RunContext, shards: list[str]) -> dict[str, str]:
+def _score_keys(ctx: RunContext, shards: list[str], prefix: str | None = None) -> dict[str, str]:
     """Where each shard's scores live: ``<score prefix>/<shard sha256>.parquet``.
 
     Keyed by the teacher's weights digest and P and by the shard's content digest, so any run
     with the same teacher reuses every score already computed (a new drop costs only its own
     shards), and a retrained teacher or another P never reads stale scores.
     """
-    prefix = _score_prefix(ctx)
+    prefix = prefix or _score_prefix(ctx)
     digests = {s["key"]: s.get("sha256") for d in ctx.plan()["drops"]
                for s in datasets.load_drop_manifest(ctx.store, d)["shards"]}
     # a drop imported before shard digests existed: fall back to the shard's key
     return {s: join(prefix, f"{digests.get(s) or 'key-' + s.replace('/', '__')}.parquet") for s in shards}
 
 
-def _histogram_key(ctx: RunContext, group: int) -> str:
-    # under the teacher's name: a retrained teacher in the same run never reads old histograms
-    return ctx.key("score", _score_prefix(ctx).rsplit("/", 1)[-1], f"hist-{group:05d}.parquet")
+def _digest(value) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _histogram_key(ctx: RunContext, score_keys: list[str]) -> str:
+    # named by the score files it counts: another teacher, P, precision or grouping never reads it
+    return ctx.key("score", "hist", f"{_digest(score_keys)[:24]}.parquet")
 
 
 def _candidates_key(ctx: RunContext, cut: dict, group: int) -> str:
-    # under the thresholds' digest: candidates filtered with another K or teacher are never read
+    # under the thresholds' digest, which covers K, the score files and their grouping
     return ctx.key("filter", cut["digest"][:16], f"group-{group:05d}.parquet")
 
 
-def _all_score_keys(ctx: RunContext, only: int | None = None) -> list[list[str]]:
-    """The score file of every shard, by plan group (or of group ``only``); a clear error when any is missing."""
-    groups = ctx.shard_groups()
-    if only is not None:
-        groups = [groups[only]]
-    keys = _score_keys(ctx, [s for g in groups for s in g])
-    missing = [keys[s] for g in groups for s in g if not ctx.store.exists(keys[s])]
+def _missing(ctx: RunContext, keys: list[str], what: str, rerun: str) -> None:
+    missing = [k for k in keys if not ctx.store.exists(k)]
     if missing:
-        raise ConfigError(f"{len(missing)} score file(s) are missing (first: {ctx.store.url(missing[0])}); "
-                          "rerun the score tasks first.")
-    return [[keys[s] for s in g] for g in groups]
+        raise ConfigError(f"{len(missing)} {what} file(s) are missing (first: {ctx.store.url(missing[0])}); "
+                          f"rerun the {rerun} first.")
+
+
+def _scored_groups(ctx: RunContext) -> tuple[str, list[list[str]]]:
+    """The score prefix the score tasks wrote (GPU workers score in bf16, CPU ones in fp32, and this
+    stage may run on either) and, by plan group, the score files under it."""
+    from .score import scoring_precision
+
+    groups = ctx.shard_groups()
+    local = scoring_precision()
+    for precision in (local, *({"bf16", "fp32"} - {local})):
+        prefix = _score_prefix(ctx, precision)
+        keys = _score_keys(ctx, groups[0], prefix)
+        first = [keys[s] for s in groups[0]]
+        if ctx.store.exists(_histogram_key(ctx, first)) or all(ctx.store.exists(k) for k in first):
+            break
+    else:
+        prefix = _score_prefix(ctx, local)
+    keys = _score_keys(ctx, [s for g in groups for s in g], prefix)
+    return prefix, [[keys[s] for s in g] for g in groups]
 
 
 def thresholds_stage(ctx: RunContext) -> dict:
     """The reduce step: per-class threshold bins from the groups' histograms (``thresholds/thresholds.json``)."""
-    import hashlib
-    import json
-
     from .select import histogram, thresholds
 
-    groups = _all_score_keys(ctx)
+    prefix, groups = _scored_groups(ctx)
+    have = [ctx.store.exists(_histogram_key(ctx, keys)) for keys in groups]
+    # a group scored by shard list (the CLI) has no histogram: its score files must all be there
+    _missing(ctx, [k for keys, h in zip(groups, have, strict=True) if not h for k in keys], "score", "score tasks")
 
     def group_histograms():  # read again for each block of classes: never all in memory
-        for g, keys in enumerate(groups):
-            key = _histogram_key(ctx, g)
-            # a group scored by shard list (the CLI) has no histogram yet: build it from its score files
-            yield (ctx.store.read_table(key) if ctx.store.exists(key) else
+        for keys, h in zip(groups, have, strict=True):
+            yield (ctx.store.read_table(_histogram_key(ctx, keys)) if h else
                    histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in keys))
 
     cut = thresholds(group_histograms, ctx.params.k, len(ctx.dataset()["classes"]))
-    cut["scores"] = _score_prefix(ctx)
-    cut["digest"] = hashlib.sha256(json.dumps(cut, sort_keys=True).encode()).hexdigest()
+    cut["scores"], cut["groups_sha256"] = prefix, _digest(groups)
+    cut["digest"] = _digest(cut)
     ctx.store.write_json(ctx.key("thresholds", "thresholds.json"), cut)
     log.info("thresholds: %d of %d rows are candidates for the top %d", sum(cut["candidates"]), sum(cut["rows"]),
              ctx.params.k)
@@ -342,7 +365,8 @@ def thresholds_stage(ctx: RunContext) -> dict:
 
 def _thresholds(ctx: RunContext) -> dict:
     if ctx.committed("thresholds") is None:
-        raise ConfigError(f"Run {ctx.run_id!r} has no thresholds yet; run the thresholds stage first.")
+        raise ConfigError(f"Run {ctx.run_id!r} has no thresholds for these params yet; run the thresholds stage "
+                          "first.")
     return ctx.store.read_json(ctx.key("thresholds", "thresholds.json"))
 
 
@@ -351,7 +375,9 @@ def filter_candidates(ctx: RunContext, group: int) -> dict:
     from .select import keep_candidates
 
     cut = _thresholds(ctx)
-    keys = _all_score_keys(ctx, only=group)[0]
+    shards = ctx.shard_groups()[group]
+    keys = list(_score_keys(ctx, shards, cut["scores"]).values())
+    _missing(ctx, keys, "score", "score tasks")
     parts = [keep_candidates(ctx.store.read_table(k), cut["threshold_bin"]) for k in keys]
     candidates = pa.concat_tables(parts)
     ctx.store.write_table(_candidates_key(ctx, cut, group), candidates)
@@ -363,10 +389,7 @@ def select_stage(ctx: RunContext) -> dict:
 
     cut = _thresholds(ctx)
     keys = [_candidates_key(ctx, cut, g) for g in range(len(ctx.shard_groups()))]
-    missing = [k for k in keys if not ctx.store.exists(k)]
-    if missing:
-        raise ConfigError(f"{len(missing)} candidate file(s) are missing (first: {ctx.store.url(missing[0])}); "
-                          "rerun the filter tasks before select.")
+    _missing(ctx, keys, "candidate", "filter tasks")
     ds = ctx.dataset()
     num_classes = len(ds["classes"])
     selection, counts = select((ctx.store.read_table(k) for k in keys), ctx.params.k)
@@ -582,7 +605,7 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
         shards, group = _stage_shards(ctx, name, shards, group)
         return score(ctx, shards, group) if name == "score" else filter_candidates(ctx, group)
     stage_dir = STAGE_DIRS[name]
-    fingerprint = {"params": pp.to_dict(), "code_version": code_version()}
+    fingerprint = ctx.fingerprint()
     done = ctx.manifest_matches(stage_dir, fingerprint)
     if done is not None:
         log.info("%s already done for run %s with these params; skipping", name, run_id)

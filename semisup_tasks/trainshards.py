@@ -256,7 +256,8 @@ class ShardStream:
         pixels = table.column("pixels").combine_chunks()
         if table.num_rows != count or pixels.type != pa.binary(width) or pixels.null_count:
             raise ValueError(f"Training part {key!r} does not match its manifest ({table.num_rows} rows of "
-                             f"{pixels.type}, expected {count} of fixed_size_binary[{width}]); rewrite the shards.")
+                             f"{pixels.type}, expected {count} of fixed_size_binary[{width}]); rerun the "
+                             "materialize stage.")
         x = np.frombuffer(pixels.buffers()[1], dtype=np.uint8, count=count * width, offset=pixels.offset * width)
         y = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
         return x.reshape(count, self.channels, *self.size), y

@@ -213,3 +213,29 @@ def test_thresholds_in_class_blocks_equal_one_block_and_read_a_callable_once_per
     # a histogram with repeated cells (two groups' tables glued together) still sums exactly
     glued = thresholds([pa.concat_tables(hists)], 9, 12)
     assert glued == whole
+
+
+def test_thresholds_read_a_one_shot_iterable_for_every_block_of_classes():
+    tables = _split(random_scores(np.random.default_rng(3), images=300, classes=12, p=2), 4, 3)
+    hists = [histogram([t]) for t in tables]
+    assert thresholds(iter(hists), 5, 12, block_bytes=4 * NUM_BINS * 8) == thresholds(hists, 5, 12)
+
+
+def test_select_aligns_tables_whose_columns_come_in_another_order():
+    a = pa.table({"image_id": ["a", "b"], "cls": [0, 0], "score": [0.9, 0.8], "shard": ["s", "s"]}, schema=SCHEMA)
+    b = pa.table({"score": pa.array([0.95], pa.float32()), "shard": ["t"], "image_id": ["c"],
+                  "cls": pa.array([0], pa.int32())})
+    got, _ = select([a, b], k=2)
+    assert got.column("image_id").to_pylist() == ["c", "a"]
+
+
+def test_bad_scores_and_classes_are_refused_with_one_sentence():
+    nan = pa.table({"image_id": ["a"], "cls": [0], "score": [float("nan")], "shard": ["s"]}, schema=SCHEMA)
+    for step in (lambda: histogram([nan]), lambda: keep_candidates(nan, [5])):
+        with pytest.raises(ValueError, match="negative or NaN score; rescore"):
+            step()
+    far = pa.table({"image_id": ["a"], "cls": [7], "score": [0.5], "shard": ["s"]}, schema=SCHEMA)
+    with pytest.raises(ValueError, match="names class 7, outside the dataset's 3 classes"):
+        keep_candidates(far, [5, 5, 5])
+    with pytest.raises(ValueError, match="There are no score rows"):
+        select([], k=1)

@@ -159,7 +159,7 @@ def test_stages_out_of_order_say_what_to_run_first(store):
     with pytest.raises(ConfigError, match="no teacher model"):
         run_stage("thresholds", store, "x", params())
     for stage in ("filter", "select"):
-        with pytest.raises(ConfigError, match="no thresholds yet"):
+        with pytest.raises(ConfigError, match="no thresholds for these params yet"):
             run_stage(stage, store, "x", params(), group=0)
     with pytest.raises(ConfigError, match="The filter stage needs --group."):
         run_stage("filter", store, "x", params(), shards=["drops/d1/shards/part-00000.parquet"])
@@ -293,3 +293,47 @@ def test_the_process_entry_point_flushes_output_and_keeps_exit_codes(store):
                           "--run-id", "proc2", "--params-json", json.dumps(params(k=0))],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "k must be at least 1" in bad.stderr
+
+
+def test_select_never_reads_thresholds_or_candidates_of_another_k(store):
+    small = params(k=2, oracle=False)
+    groups = range(run_stage("plan", store, "k", small)["score_groups"])
+    run_stage("train-teacher", store, "k", small)
+    for g in groups:
+        run_stage("score", store, "k", small, group=g)
+    run_stage("thresholds", store, "k", small)
+    for g in groups:
+        run_stage("filter", store, "k", small, group=g)
+    assert run_stage("select", store, "k", small)["selected_pairs"] == 6
+    large = params(k=20, oracle=False)  # the same run with another K: plan and teacher commit again
+    run_stage("plan", store, "k", large)
+    run_stage("train-teacher", store, "k", large)
+    with pytest.raises(ConfigError, match="no thresholds for these params"):
+        run_stage("select", store, "k", large)
+    run_stage("thresholds", store, "k", large)
+    for g in groups:
+        run_stage("filter", store, "k", large, group=g)
+    run_stage("select", store, "k", large)
+    sel = store.read_table("runs/k/select/selection.parquet")
+    scores = pa.concat_tables([store.read_table(k) for k in store.list("cache/scores")])
+    assert sel.num_rows == sum(min(20, c) for c in np.bincount(scores.column("cls").to_numpy()))
+
+
+def test_regrouped_shards_never_reuse_another_grouping_s_histograms(store):
+    from semisup_tasks.select import histogram
+
+    one = params(oracle=False, shards_per_task=1)
+    groups = run_stage("plan", store, "rg", one)["score_groups"]
+    run_stage("train-teacher", store, "rg", one)
+    for g in range(groups):
+        run_stage("score", store, "rg", one, group=g)
+    two = params(oracle=False, shards_per_task=2)  # the same shards, grouped in pairs
+    run_stage("plan", store, "rg", two)
+    run_stage("train-teacher", store, "rg", two)
+    shards = [s for g in store.read_json("runs/rg/plan/shard_groups.json") for s in g]
+    run_stage("score", store, "rg", two, shards=shards)  # by shard list: no pair histograms written
+    run_stage("thresholds", store, "rg", two)
+    cut = store.read_json("runs/rg/thresholds/thresholds.json")
+    everything = histogram(store.read_table(k) for k in store.list("cache/scores"))
+    rows = np.bincount(everything.column("cls").to_numpy(), weights=everything.column("count").to_numpy())
+    assert cut["rows"] == rows.astype(int).tolist()
