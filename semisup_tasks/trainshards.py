@@ -23,6 +23,8 @@ import hashlib
 import io
 import logging
 import math
+import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -104,6 +106,22 @@ def _decode_shard(store: Store, shard: str, ids: list[str], channels: int, size:
     return out
 
 
+def _decoded_in_order(store: Store, jobs: list, channels: int, size: tuple[int, int], threads: int | None):
+    """(job, pixels) for each (shard, rows, ids) job, in order. Shards decode on a thread pool, since
+    Pillow releases the GIL while it decodes and resizes; at most 2 x threads shards are in flight."""
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append((job, pool.submit(_decode_shard, store, job[0], job[2], channels, size)))
+            if len(pending) > 2 * threads:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
 def _matches(manifest: dict, count: int, seed: int, channels: int, size: tuple[int, int], digest: str) -> bool:
     return (manifest.get("count") == count and manifest.get("seed") == seed and manifest.get("channels") == channels
             and list(manifest.get("image_size", [])) == list(size) and manifest.get("rows_sha256") == digest)
@@ -129,12 +147,14 @@ def write_training_shards(
     part_rows: int | None = None,
     bucket_rows: int | None = None,
     spill_bytes: int = SPILL_BYTES,
+    threads: int | None = None,
 ) -> dict:
     """Materialise the selected ``rows`` (image_id, shard, cls) as shuffled parts under ``prefix``; returns
     the manifest. Idempotent: a manifest for the same rows, seed, channels and size is returned as is.
 
     ``part_rows`` and ``bucket_rows`` default to about PART_BYTES and BUCKET_BYTES of pixels; the parts
-    (and so the training order) do not depend on ``bucket_rows`` or ``spill_bytes``.
+    (and so the training order) do not depend on ``bucket_rows``, ``spill_bytes`` or ``threads`` (source
+    shards decoding at once; default: the CPU count, up to 8).
     """
     _check_rows(rows)
     size = (int(size[0]), int(size[1]))
@@ -176,13 +196,12 @@ def write_training_shards(
     by_shard = np.argsort(codes, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(shard_codes.dictionary)))])
     ids_column = rows.column("image_id")
+    jobs = []
     for code in np.argsort(shard_codes.dictionary.to_pylist()):  # sorted keys: a reproducible read order
         sel = by_shard[bounds[code]:bounds[code + 1]]
-        if len(sel) == 0:
-            continue
-        shard = shard_codes.dictionary[int(code)].as_py()
-        ids = ids_column.take(pa.array(sel)).to_pylist()
-        pixels = _decode_shard(store, shard, ids, channels, size)
+        if len(sel):
+            jobs.append((shard_codes.dictionary[int(code)].as_py(), sel, ids_column.take(pa.array(sel)).to_pylist()))
+    for (_, sel, ids), pixels in _decoded_in_order(store, jobs, channels, size, threads):
         pos = positions[sel]
         bucket_of = pos // bucket_rows
         order = np.argsort(bucket_of, kind="stable")

@@ -105,6 +105,12 @@ def test_spilled_buckets_give_the_same_parts_as_one_bucket(store, monkeypatch):
     spills = [k for k in written if k.startswith("spilled/_spill/")]
     assert len(spills) > 11  # 11 buckets, several source shards each
     assert store.list("spilled/_spill") == []  # spill objects are removed once their bucket is written
+    # shards decoding on several threads (and many in flight) still write the same parts
+    threaded = write_training_shards(store, "threaded", rows, 1, SIZE, seed=3, part_rows=5, bucket_rows=3,
+                                     spill_bytes=1, threads=3)
+    assert read_parts(store, threaded).equals(read_parts(store, one))
+    single = write_training_shards(store, "single", rows, 1, SIZE, seed=3, part_rows=5, threads=1)
+    assert read_parts(store, single).equals(read_parts(store, one))
 
 
 def test_rerun_is_a_no_op_and_other_rows_rewrite(store, tmp_path):
