@@ -50,6 +50,10 @@ class PipelineParams:
                               maximum=1024)
     shards_per_task: int = _p(2, "Drop shards scored by one mapped task (at least; see max_score_tasks).",
                               "Selection", type="integer", minimum=1)
+    materialize_memory_mb: int = _p(1024, "Memory the materialize stage's shuffle may use (its spill buffer and one "
+                                          "bucket, half each). The spill objects number about (selected pixels / "
+                                          "half of it) squared: give it more for large selections.", "Selection",
+                                    type="integer", minimum=16)
     # training
     teacher_epochs: int = _p(40, "Teacher epochs on the labeled train split.", "Training", type="integer", minimum=1)
     pretrain_epochs: int = _p(10, "Student pre-training epochs on the selected set.", "Training",

@@ -451,8 +451,11 @@ def materialize(ctx: RunContext) -> dict:
     selection = ctx.store.read_table(ctx.key("select", "selection.parquet"), columns=["image_id", "shard", "cls"])
     if selection.num_rows == 0:
         raise ConfigError("The selection is empty: the teacher selected no image; check the drops and K.")
+    half = ctx.params.materialize_memory_mb << 19  # bytes: half for the spill buffer, half for one bucket
+    width = ds["channels"] * ds["image_size"][0] * ds["image_size"][1]
     manifest = write_training_shards(ctx.store, ctx.key("trainset"), selection, ds["channels"],
-                                     tuple(ds["image_size"]), seed=ctx.params.seed)
+                                     tuple(ds["image_size"]), seed=ctx.params.seed,
+                                     bucket_rows=max(1, half // width), spill_bytes=half)
     return {"trainset": ctx.store.url(ctx.key("trainset", "manifest.json")), "rows": manifest["count"],
             "parts": len(manifest["parts"])}
 
