@@ -21,7 +21,9 @@ classification* (2019), over the object store given by the `store` param:
 6. **evaluate** — top-1/top-5, per-class and head/tail recall for teacher, baseline, student
    and oracle; the *semisup report* link on this task opens the run's report.
 
-Each task runs `python -m semisup_tasks stage NAME` and passes only a small JSON result through
+Each task runs `python -m semisup_tasks stage NAME` where this deployment runs that stage (a
+subprocess of the worker, a Docker container or a Kubernetes pod: `SEMISUP_RUNNER` or the file
+named by `SEMISUP_DEPLOYMENT`, read when the DAG is parsed) and passes only a small JSON result through
 XCom; the stages find each other's outputs under `runs/<run_id>/` in the store. A bad param or a
 missing dataset fails the task at once (no retries); other errors are retried.
 Trigger with the form, or `airflow dags trigger semisup_retrain -c '{"k": 100}'`.
@@ -33,10 +35,13 @@ import os
 from datetime import timedelta
 
 from airflow.sdk import DAG
-from semisup_operator import GROUP_MAP_INDEX_TEMPLATE, SemisupStageOperator, score_groups
+from semisup_deployment import load_deployment, mapped_stage_task, stage_task
+from semisup_operator import score_groups
 from semisup_params import pipeline_params
 
 SCORE_PARALLELISM = int(os.environ.get("SEMISUP_SCORE_PARALLELISM", "4"))
+# where each stage runs (local subprocess, Docker or Kubernetes): this deployment's environment
+DEPLOYMENT = load_deployment()
 
 with DAG(
     dag_id="semisup_retrain",
@@ -53,28 +58,21 @@ with DAG(
         "execution_timeout": timedelta(hours=24),
     },
 ) as dag:
-    plan = SemisupStageOperator(task_id="plan", stage="plan")
-    teacher = SemisupStageOperator(task_id="train_teacher", stage="train-teacher")
-    baseline = SemisupStageOperator(task_id="train_baseline", stage="train-baseline")
-    oracle = SemisupStageOperator(task_id="train_oracle", stage="train-oracle")
+    plan = stage_task("plan", "plan", DEPLOYMENT)
+    teacher = stage_task("train_teacher", "train-teacher", DEPLOYMENT)
+    baseline = stage_task("train_baseline", "train-baseline", DEPLOYMENT)
+    oracle = stage_task("train_oracle", "train-oracle", DEPLOYMENT)
     # one mapped task per shard group; the groups' shard keys stay in the store, not in XCom
     groups = score_groups(plan.output)
-    score = SemisupStageOperator.partial(
-        task_id="score",
-        stage="score",
-        map_index_template=GROUP_MAP_INDEX_TEMPLATE,
-        max_active_tis_per_dagrun=SCORE_PARALLELISM,
-    ).expand(group=groups)
+    score = mapped_stage_task("score", "score", groups, DEPLOYMENT, max_active_tis_per_dagrun=SCORE_PARALLELISM)
     # selection as map -> reduce -> map -> reduce: the passes over every row run in parallel tasks
-    thresholds = SemisupStageOperator(task_id="thresholds", stage="thresholds")
-    filter_ = SemisupStageOperator.partial(
-        task_id="filter", stage="filter", map_index_template=GROUP_MAP_INDEX_TEMPLATE,
-    ).expand(group=groups)
-    select = SemisupStageOperator(task_id="select", stage="select")
-    materialize = SemisupStageOperator(task_id="materialize", stage="materialize")
-    pretrain = SemisupStageOperator(task_id="pretrain_student", stage="pretrain-student")
-    finetune = SemisupStageOperator(task_id="finetune_student", stage="finetune-student")
-    evaluate = SemisupStageOperator(task_id="evaluate", stage="evaluate")
+    thresholds = stage_task("thresholds", "thresholds", DEPLOYMENT)
+    filter_ = mapped_stage_task("filter", "filter", groups, DEPLOYMENT)
+    select = stage_task("select", "select", DEPLOYMENT)
+    materialize = stage_task("materialize", "materialize", DEPLOYMENT)
+    pretrain = stage_task("pretrain_student", "pretrain-student", DEPLOYMENT)
+    finetune = stage_task("finetune_student", "finetune-student", DEPLOYMENT)
+    evaluate = stage_task("evaluate", "evaluate", DEPLOYMENT)
 
     plan >> [teacher, baseline, oracle]
     teacher >> score >> thresholds >> filter_ >> select >> materialize >> pretrain >> finetune >> evaluate

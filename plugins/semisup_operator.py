@@ -97,8 +97,9 @@ class SemisupStageOperator(BaseOperator):
         ``SemisupStageOperator.partial(...).expand(group=score_groups(plan.output))``).
     :param store: store root URI; defaults to the DAG run's ``store`` param. A relative
         ``file://`` URI is made absolute against the worker's working directory.
-    :param runner: where the stage runs: ``local`` (a subprocess of the worker). ``docker``
-        and ``kubernetes`` are planned.
+    :param runner: where the stage runs: ``local`` (a subprocess of the worker). Docker and
+        Kubernetes have operators of their own (``semisup_containers``); ``semisup_deployment.stage_task``
+        picks the one a deployment is configured for.
     """
 
     template_fields = ("shards", "group", "store")
@@ -115,8 +116,7 @@ class SemisupStageOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(stage, str) or not _STAGE_NAME.match(stage):
-            raise ValueError(f"Stage name {stage!r} is not valid; use a name like 'train-teacher'.")
+        check_stage_name(stage)
         check_runner(runner)
         self.stage = stage
         self.shards = shards
@@ -132,24 +132,8 @@ class SemisupStageOperator(BaseOperator):
             return (SemisupReportLink(),)
         return ()
 
-    # -- helpers -------------------------------------------------------------------------------
     def build_request(self, context: Context) -> StageRequest:
-        params = {key: context["params"][key] for key in context["params"]}
-        store = self.store or params.get(STORE_PARAM)
-        params.pop(STORE_PARAM, None)
-        if not store:
-            raise AirflowFailException(
-                f"No store for stage {self.stage}: set the DAG param '{STORE_PARAM}' "
-                "or the operator's store=."
-            )
-        try:
-            pipeline = PipelineParams.from_dict(params)
-        except ConfigError as exc:
-            raise AirflowFailException(f"Bad pipeline parameters: {exc}") from None
-        shards = None if self.shards is None else [str(s) for s in _as_list(self.shards)]
-        group = None if self.group is None else int(self.group)
-        return StageRequest(stage=self.stage, store=resolve_store(str(store)), run_id=context["run_id"],
-                            params=pipeline.to_dict(), shards=shards, group=group)
+        return stage_request(self.stage, self.shards, self.group, self.store, context)
 
     # -- Airflow hooks -------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
@@ -172,6 +156,30 @@ class SemisupStageOperator(BaseOperator):
     def on_kill(self) -> None:
         if self._active_runner is not None:
             self._active_runner.kill()
+
+
+def stage_request(stage: str, shards: Any, group: Any, store: str | None, context: Context) -> StageRequest:
+    """The request every runner executes: the DAG run's params (``store`` removed) validated as
+    PipelineParams (a bad value fails the task without retries), the store and the run id."""
+    params = {key: context["params"][key] for key in context["params"]}
+    store = store or params.get(STORE_PARAM)
+    params.pop(STORE_PARAM, None)
+    if not store:
+        raise AirflowFailException(f"No store for stage {stage}: set the DAG param '{STORE_PARAM}' or the "
+                                   "operator's store=.")
+    try:
+        pipeline = PipelineParams.from_dict(params)
+    except ConfigError as exc:
+        raise AirflowFailException(f"Bad pipeline parameters: {exc}") from None
+    return StageRequest(stage=stage, store=resolve_store(str(store)), run_id=context["run_id"],
+                        params=pipeline.to_dict(),
+                        shards=None if shards is None else [str(s) for s in _as_list(shards)],
+                        group=None if group is None else int(group))
+
+
+def check_stage_name(stage: Any) -> None:
+    if not isinstance(stage, str) or not _STAGE_NAME.match(stage):
+        raise ValueError(f"Stage name {stage!r} is not valid; use a name like 'train-teacher'.")
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -3,7 +3,8 @@
 A runner turns a :class:`StageRequest` into the stage's result document. Every runner runs the
 same command line, ``python -m semisup_tasks stage NAME ...`` (see :meth:`StageRequest.cli_args`),
 in a different place: a local subprocess of the Airflow worker (``local``, implemented here), a
-Docker container or a Kubernetes pod (``docker`` and ``kubernetes``, planned). Runners raise
+Docker container or a Kubernetes pod (``docker`` and ``kubernetes``: provider operators in
+``semisup_containers``, chosen per deployment by ``semisup_deployment``). Runners raise
 :class:`StageUserError` for a mistake retrying cannot fix (the stage exited with status 2) and
 :class:`StageFailed` for anything else; the operator maps these to Airflow's failure semantics.
 
@@ -46,17 +47,18 @@ class StageRequest:
     run_id: str
     params: dict[str, Any]
     shards: list[str] | None = field(default=None)
-    group: int | None = field(default=None)  # index of one of the plan's shard groups (score)
+    group: int | None = field(default=None)  # index of one of the plan's shard groups (score, filter)
 
-    def cli_args(self, result_file: str) -> list[str]:
-        """Arguments after ``python -m semisup_tasks`` (identical for every runner)."""
+    def cli_args(self, result_file: str | None) -> list[str]:
+        """Arguments after ``python -m semisup_tasks`` (identical for every runner). Without a result
+        file the stage prints its result as the last line of its standard output."""
         args = ["stage", self.stage, "--store", self.store, "--run-id", self.run_id,
                 "--params-json", json.dumps(self.params, sort_keys=True)]
         if self.shards is not None:
             args += ["--shards", *self.shards]
         if self.group is not None:
             args += ["--group", str(self.group)]
-        return [*args, "--result-file", result_file]
+        return [*args, "--result-file", result_file] if result_file else args
 
 
 class StageRunner(ABC):
@@ -175,16 +177,17 @@ class LocalRunner(StageRunner):
 
 
 RUNNERS: dict[str, type[StageRunner]] = {"local": LocalRunner}
-PLANNED_RUNNERS = ("docker", "kubernetes")
+CONTAINER_RUNNERS = ("docker", "kubernetes")  # operators of their own: semisup_containers
 
 
 def check_runner(name: str) -> None:
-    """Raise ``ValueError`` with a clear sentence unless ``name`` is a usable runner."""
+    """Raise ``ValueError`` with a clear sentence unless ``name`` is a runner of SemisupStageOperator."""
     if name in RUNNERS:
         return
-    if name in PLANNED_RUNNERS:
-        raise ValueError(f"The {name!r} stage runner is not implemented yet; use runner='local'.")
-    raise ValueError(f"Unknown stage runner {name!r}; use one of {', '.join(RUNNERS)}.")
+    if name in CONTAINER_RUNNERS:
+        raise ValueError(f"The {name!r} runner has its own operator; build the task with "
+                         "semisup_deployment.stage_task instead of SemisupStageOperator.")
+    raise ValueError(f"Unknown stage runner {name!r}; use one of {', '.join((*RUNNERS, *CONTAINER_RUNNERS))}.")
 
 
 def get_runner(name: str) -> StageRunner:

@@ -60,9 +60,9 @@ def request(**kw) -> StageRequest:
 def test_constructor_is_cheap_and_checks_its_arguments(no_subprocess):
     op = SemisupStageOperator(task_id="t", stage="train-teacher")
     assert op.runner == "local" and op.shards is None and op.store is None
-    with pytest.raises(ValueError, match="not implemented yet"):
+    with pytest.raises(ValueError, match="has its own operator"):
         SemisupStageOperator(task_id="d", stage="plan", runner="docker")
-    with pytest.raises(ValueError, match="not implemented yet"):
+    with pytest.raises(ValueError, match="has its own operator"):
         SemisupStageOperator(task_id="k", stage="plan", runner="kubernetes")
     with pytest.raises(ValueError, match="Unknown stage runner"):
         SemisupStageOperator(task_id="x", stage="plan", runner="ssh")

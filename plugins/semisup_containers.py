@@ -1,0 +1,181 @@
+"""The Docker and Kubernetes stage operators: the stage image runs ``python -m semisup_tasks stage``.
+
+Both are the providers' own operators (``DockerOperator``, ``KubernetesPodOperator``) with the
+stage's command built at run time from the DAG run's params, exactly as the local runner builds
+it, and the same JSON result document as their XCom ``return_value``:
+
+- Docker: GPUs as device requests, shared memory for DataLoader workers, the deployment's network
+  and mounts; the store credentials from the worker's environment as *private* environment
+  (never templated, rendered or logged); the result is the stage's last line of standard output.
+- Kubernetes: ``nvidia.com/gpu`` limits, node selector and tolerations from the deployment, the
+  credentials from a Kubernetes ``Secret`` (``envFrom``), deferrable, re-attaching to its pod on
+  retry; the result goes through the XCom sidecar (``/airflow/xcom/return.json``).
+
+A stage that refuses its input exits with status 2: under Docker that fails the task without
+retries, as with the local runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.docker.exceptions import DockerContainerFailedException
+from airflow.providers.docker.operators.docker import DockerOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from semisup_deployment import CREDENTIAL_ENV, STORE_ENV, Deployment
+from semisup_operator import REPORT_TASK_STAGE, SemisupReportLink, check_stage_name, stage_request
+from semisup_runners import ERROR_PREFIX, StageRequest
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+STAGE_COMMAND = ["python", "-m", "semisup_tasks"]
+XCOM_RESULT = "/airflow/xcom/return.json"  # where the KubernetesPodOperator's sidecar reads XCom
+
+
+class _StageFields:
+    """What both container operators add to their provider operator: the stage and its shards."""
+
+    stage: str
+    shards: Any
+    group: Any
+    store: str | None
+
+    def _set_stage(self, stage: str, shards: Any, group: Any, store: str | None) -> None:
+        check_stage_name(stage)
+        self.stage, self.shards, self.group, self.store = stage, shards, group, store
+
+    def stage_request(self, context: Context) -> StageRequest:
+        return stage_request(self.stage, self.shards, self.group, self.store, context)
+
+    @property
+    def operator_extra_links(self):  # type: ignore[override]
+        # the evaluate task links its report, whichever runner ran it
+        return (SemisupReportLink(),) if getattr(self, "stage", None) == REPORT_TASK_STAGE else ()
+
+
+def result_from_output(lines: list[str] | str | None, stage: str) -> dict[str, Any]:
+    """The stage's result document: the last line of its output that is a JSON object."""
+    for line in reversed([lines] if isinstance(lines, str) else list(lines or [])):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(result, dict):
+                return result
+    raise AirflowException(f"Stage {stage} finished but printed no JSON result.")
+
+
+class SemisupDockerStageOperator(_StageFields, DockerOperator):
+    """Run one stage in the stage image with Docker (see the module docstring)."""
+
+    template_fields = (*DockerOperator.template_fields, "shards", "group", "store")
+    ui_color = "#e3f2e8"
+
+    def __init__(self, *, stage: str, shards: Any = None, group: Any = None, store: str | None = None,
+                 credential_env: tuple[str, ...] = CREDENTIAL_ENV, **kwargs: Any) -> None:
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("xcom_all", True)  # the result is found among the last lines
+        kwargs.setdefault("mount_tmp_dir", False)  # the worker itself may run in a container
+        kwargs.setdefault("auto_remove", "success")
+        super().__init__(command=None, **kwargs)
+        self._set_stage(stage, shards, group, store)
+        self.credential_env = credential_env
+
+    def prepare(self, context: Context) -> StageRequest:
+        """Set the container's command and environment for this run (called by ``execute``)."""
+        request = self.stage_request(context)
+        self.command = [*STAGE_COMMAND, *request.cli_args(None)]
+        self.environment = {**self.environment, "PYTHONUNBUFFERED": "1",
+                            **{k: os.environ[k] for k in STORE_ENV if k in os.environ}}
+        # private: never templated, rendered or logged by the operator
+        self._private_environment = {**self._private_environment,
+                                     **{k: os.environ[k] for k in self.credential_env if k in os.environ}}
+        return request
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        self.prepare(context)
+        try:
+            output = super().execute(context)
+        except DockerContainerFailedException as exc:
+            errors = [line for line in (exc.logs or []) if str(line).startswith(ERROR_PREFIX)]
+            if errors:  # exit status 2: the stage refused its input; retrying cannot help
+                raise AirflowFailException(f"Stage {self.stage} refused its input: "
+                                           f"{errors[-1][len(ERROR_PREFIX):].strip()}") from None
+            raise
+        return result_from_output(output, self.stage)
+
+
+class SemisupKubernetesStageOperator(_StageFields, KubernetesPodOperator):
+    """Run one stage in the stage image as a Kubernetes pod (see the module docstring)."""
+
+    template_fields = (*KubernetesPodOperator.template_fields, "shards", "group", "store")
+    ui_color = "#e8eaf6"
+
+    def __init__(self, *, stage: str, shards: Any = None, group: Any = None, store: str | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("name", f"semisup-{stage}")
+        kwargs.setdefault("cmds", list(STAGE_COMMAND))
+        kwargs.setdefault("do_xcom_push", True)
+        kwargs.setdefault("durable", True)  # a retried task re-attaches to its pod instead of starting another
+        kwargs.setdefault("on_finish_action", "delete_succeeded_pod")  # failed pods stay for a look
+        kwargs.setdefault("get_logs", True)
+        kwargs["labels"] = {"app": "semisup", "semisup-stage": stage, **(kwargs.get("labels") or {})}
+        super().__init__(**kwargs)
+        self._set_stage(stage, shards, group, store)
+
+    def prepare(self, context: Context) -> StageRequest:
+        request = self.stage_request(context)
+        self.arguments = request.cli_args(XCOM_RESULT)
+        return request
+
+    def execute(self, context: Context) -> Any:
+        self.prepare(context)
+        return super().execute(context)
+
+
+def docker_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
+    from docker.types import DeviceRequest, Mount
+
+    d, resources = deployment.docker, deployment.resources_for(stage)
+    kwargs: dict[str, Any] = {"image": deployment.image, "shm_size": d.shm_size, "network_mode": d.network_mode,
+                              "mounts": [Mount(**m) for m in d.mounts], "user": d.user}
+    if d.docker_url:
+        kwargs["docker_url"] = d.docker_url
+    if resources.gpus:
+        kwargs["device_requests"] = [DeviceRequest(count=resources.gpus, capabilities=[["gpu"]])]
+    if resources.memory:
+        kwargs["mem_limit"] = resources.memory
+    if resources.cpu:
+        kwargs["cpus"] = float(resources.cpu)
+    return kwargs
+
+
+def kubernetes_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
+    from airflow.providers.cncf.kubernetes.secret import Secret
+    from kubernetes.client import models as k8s
+
+    k, resources = deployment.kubernetes, deployment.resources_for(stage)
+    requests = {key: value for key, value in (("cpu", resources.cpu), ("memory", resources.memory)) if value}
+    limits = dict(requests)
+    if resources.gpus:
+        limits["nvidia.com/gpu"] = str(resources.gpus)  # GPUs are requested through limits
+    kwargs: dict[str, Any] = {
+        "image": deployment.image, "namespace": k.namespace, "node_selector": dict(k.node_selector),
+        "tolerations": [k8s.V1Toleration(**t) for t in k.tolerations],
+        "container_resources": k8s.V1ResourceRequirements(requests=requests or None, limits=limits or None),
+        "secrets": [Secret("env", None, k.secret_name)] if k.secret_name else [],
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
+        "service_account_name": k.service_account_name,
+        "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in k.image_pull_secrets] or None,
+        "deferrable": k.deferrable, "startup_timeout_seconds": k.startup_timeout_seconds,
+    }
+    for name in ("in_cluster", "config_file", "cluster_context"):
+        if getattr(k, name) is not None:
+            kwargs[name] = getattr(k, name)
+    return kwargs
