@@ -88,7 +88,8 @@ class Deployment:
     runner: str = "local"
     image: str = "semisup-stage:latest"
     stage_runners: dict[str, str] = field(default_factory=dict)
-    gpu_pool: str | None = None
+    gpu_pool: str | None = None  # an Airflow pool sized to the GPUs, shared by the GPU stages
+    gpu_queue: str | None = None  # a Celery queue served by workers with GPUs (local runner on GPU hosts)
     resources: dict[str, StageResources] = field(default_factory=dict)  # keys: "default", "gpu" or a stage
     docker: DockerSettings = field(default_factory=DockerSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
@@ -168,6 +169,8 @@ def _common_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if deployment.gpu_pool and stage in GPU_STAGES:
         kwargs["pool"] = deployment.gpu_pool
+    if deployment.gpu_queue and stage in GPU_STAGES:
+        kwargs["queue"] = deployment.gpu_queue
     if resources.timeout_minutes:
         kwargs["execution_timeout"] = timedelta(minutes=resources.timeout_minutes)
     return kwargs

@@ -204,3 +204,13 @@ def test_the_dag_parses_and_serializes_with_container_runners(runner, tmp_path):
     expected = "SemisupDockerStageOperator" if runner == "docker" else "SemisupKubernetesStageOperator"
     assert out["ops"]["train_teacher"] == expected and out["ops"]["evaluate"] == expected
     assert out["ops"]["score"] == "MappedOperator"
+
+
+def test_the_committed_deployment_files_load():
+    compose = load_deployment({"SEMISUP_DEPLOYMENT": str(ROOT / "deploy" / "compose.yaml")})
+    teacher, select = stage_task("t", "train-teacher", compose), stage_task("s", "select", compose)
+    assert teacher.queue == "gpu" and teacher.pool == "gpu"
+    assert select.queue != "gpu" and select.pool != "gpu"
+    k8s = load_deployment({"SEMISUP_DEPLOYMENT": str(ROOT / "deploy" / "kubernetes.example.yaml")})
+    assert k8s.runner_for("score") == "kubernetes" and k8s.runner_for("evaluate") == "local"
+    assert k8s.resources_for("score").gpus == 1 and k8s.resources_for("materialize").memory == "64Gi"
