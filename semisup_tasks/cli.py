@@ -111,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
             _emit(build_demo(store, seed=args.seed), None)
         elif args.command == "stage":
+            from .distributed import init_from_env, is_main
             from .stages import run_stage
 
-            _emit(run_stage(args.name, store, args.run_id, _params(args.params_json), shards=args.shards,
-                            group=args.group), args.result_file)
+            init_from_env()  # under torchrun: join the other processes; otherwise nothing
+            result = run_stage(args.name, store, args.run_id, _params(args.params_json), shards=args.shards,
+                               group=args.group)
+            if is_main():  # one result document, from rank 0
+                _emit(result, args.result_file)
         elif args.command == "run":
             from .stages import run_pipeline
 

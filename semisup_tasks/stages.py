@@ -84,6 +84,10 @@ class RunContext:
         return None
 
     def commit(self, stage_dir: str, fingerprint: dict, result: dict, started: float) -> dict:
+        from .distributed import is_main
+
+        if not is_main():  # under torchrun only rank 0 writes
+            return result
         self.store.write_json(self.key(stage_dir, SUCCESS), {
             "stage": stage_dir, "run_id": self.run_id, "fingerprint": fingerprint, "result": result,
             "code_version": code_version(), "seconds": round(time.time() - started, 3),
@@ -134,10 +138,13 @@ def _images_and_labels(store: Store, rows: pa.Table, label_column: str, ds: dict
 
 
 def _save_model(ctx: RunContext, name: str, model, arch: str, ds: dict, train_summary: dict) -> dict:
+    from .distributed import is_main, rank
     from .evaluate import classification_metrics, tail_classes
     from .models import checkpoint_bytes, weights_digest
     from .train import predict
 
+    if not is_main():  # under torchrun only rank 0 writes the model
+        return {"rank": rank()}
     size = tuple(ds["image_size"])
     key = ctx.key(name, "model.pt")
     data = checkpoint_bytes(model, arch, ds["channels"], len(ds["classes"]), size,
@@ -578,6 +585,8 @@ STAGE_DIRS = {"plan": "plan", "thresholds": "thresholds", "select": "select", "m
 
 
 GROUP_STAGES = ("score", "filter")  # mapped over the plan's shard groups; no manifest of their own
+#: stages that train a model: under torchrun, all processes train and rank 0 writes
+TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
 
 
 def _stage_shards(ctx: RunContext, name: str, shards: list[str] | None, group: int | None):
@@ -604,6 +613,10 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
     pp = PipelineParams.from_dict(params)
     ctx = RunContext(store, run_id, pp)
     started = time.time()
+    from .distributed import is_main
+
+    if name not in TRAINING_STAGES and not is_main():
+        return {}  # launched under torchrun, a stage without training runs on rank 0 alone
     if name in GROUP_STAGES:
         shards, group = _stage_shards(ctx, name, shards, group)
         return score(ctx, shards, group) if name == "score" else filter_candidates(ctx, group)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,11 +39,19 @@ def prepare(batch: torch.Tensor) -> torch.Tensor:
     return (batch.float() / 255.0 - 0.5) / 0.25
 
 
-def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Random shift (±10%), scale (0.9–1.1) and rotation (±10°) per sample; optional horizontal flip."""
+BLACK = (0.0 - 0.5) / 0.25  # a 0 pixel after prepare(): the background augmentation fills in
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator, part: slice | None = None,
+                  total: int | None = None) -> torch.Tensor:
+    """Random shift (±10%), scale (0.9–1.1) and rotation (±10°) per sample; optional horizontal flip.
+
+    With ``part``, ``x`` holds only those rows of a batch of ``total``: the draws are the whole
+    batch's, so a batch split across processes is augmented exactly as in one process.
+    """
     if kind == "none":
         return x
-    n = x.shape[0]
+    n = x.shape[0] if total is None else total
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
     scale = 0.9 + torch.rand(n, generator=gen) * 0.2
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.2
@@ -52,9 +61,11 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Ten
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
                          torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # background is the minimum of the normalised range, i.e. black
-    return F.grid_sample(x - x.amin(), grid, align_corners=False, padding_mode="zeros") + x.amin()
+    if part is not None:
+        theta = theta[part]
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    # zero padding of (x - BLACK), shifted back: the background is black
+    return F.grid_sample(x - BLACK, grid, align_corners=False, padding_mode="zeros") + BLACK
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -123,12 +134,28 @@ def train_stream(model: nn.Module, source: BatchSource, recipe: Recipe, name: st
 
 
 def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> dict:
-    """The one training loop; the order of draws from the seeded generator is the same for every source."""
+    """The one training loop; the order of draws from the seeded generator is the same for every source.
+
+    Under torchrun every process draws the same global batches and trains on its stride of each
+    (see :mod:`semisup_tasks.distributed`): the result follows the one-process run.
+    """
+    from . import distributed
+
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     n = len(source)
     steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
     total = steps_per_epoch * recipe.epochs
+    rank, world = distributed.rank(), distributed.world_size()
+    device = training_device()
+    # channels-last: ~20% faster convolutions on CPU, and what tensor cores want; before DDP takes the params
+    model.to(device=device, memory_format=torch.channels_last)
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(distributed.global_batch_norm(model),
+                                      device_ids=[device.index] if device.type == "cuda" else None)
     if recipe.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
@@ -136,32 +163,59 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
                               weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(recipe.warmup_epochs * steps_per_epoch)))
-    model.to(memory_format=torch.channels_last)  # ~20% faster convolutions on CPU
     model.train()
     losses = []
     for epoch in range(recipe.epochs):
-        epoch_loss = 0.0
+        epoch_loss = torch.zeros(1, dtype=torch.float64)  # the sum of per-sample losses
         for x_u8, y in source.batches(recipe.batch_size, gen):
-            if len(y) < 2 and n >= 2:  # BatchNorm needs two samples
+            if len(y) < max(2, world) and n >= 2:  # BatchNorm needs two samples, every process one
                 continue
-            x = augment_batch(prepare(x_u8), recipe.augment, gen).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), y)
+            x_u8, y = x_u8.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if world > 1:  # this process's stride of the global batch
+                part, size = slice(rank, None, world), len(y)
+                x = augment_batch(prepare(x_u8[part]), recipe.augment, gen, part, size)
+                y = y[part]
+            else:
+                x = augment_batch(prepare(x_u8), recipe.augment, gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = net(x.contiguous(memory_format=torch.channels_last))
+            logits = logits.float()
+            if world > 1:  # DDP averages over processes: scale the sum so the mean is the global batch's
+                loss = F.cross_entropy(logits, y, reduction="sum") * world / size
+            else:
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            epoch_loss += loss.item() * len(y)
-        losses.append(epoch_loss / n)
-        log.info("%s epoch %d/%d loss %.4f", name, epoch + 1, recipe.epochs, losses[-1])
-    return {"epochs": recipe.epochs, "steps": total, "images": n, "final_loss": losses[-1]}
+            epoch_loss += loss.item() * (size / world if world > 1 else len(y))
+        if world > 1:
+            torch.distributed.all_reduce(epoch_loss)
+        losses.append(float(epoch_loss) / n)
+        if rank == 0:
+            log.info("%s epoch %d/%d loss %.4f", name, epoch + 1, recipe.epochs, losses[-1])
+    summary = {"epochs": recipe.epochs, "steps": total, "images": n, "final_loss": losses[-1]}
+    return {**summary, "processes": world} if world > 1 else summary
+
+
+def training_device() -> torch.device:
+    """This process's GPU when there is one (under torchrun: LOCAL_RANK's), else the CPU;
+    ``SEMISUP_DEVICE=cpu`` keeps a GPU host's stages on the CPU."""
+    if torch.cuda.is_available() and os.environ.get("SEMISUP_DEVICE", "cuda") != "cpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits for uint8 NxCxHxW images, in eval mode."""
+    """Logits (float32, on the CPU) for uint8 NxCxHxW images, in eval mode, on the GPU when there is one."""
+    device = training_device()
     model.eval()
-    model.to(memory_format=torch.channels_last)
+    model.to(device=device, memory_format=torch.channels_last)
     x_all = torch.as_tensor(images)
-    outs = [model(prepare(x_all[i:i + batch_size]).contiguous(memory_format=torch.channels_last))
-            for i in range(0, len(x_all), batch_size)]
+    outs = []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for i in range(0, len(x_all), batch_size):
+            x = prepare(x_all[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+            outs.append(model(x).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)

@@ -1,0 +1,44 @@
+"""Train the tiny model of test_distributed.py; under torchrun, data-parallel. Rank 0 saves the weights.
+
+Usage: [torchrun --nproc_per_node=N] distributed_train_script.py OUT.pt
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+
+def data(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """12x12 noise with a bright bar whose position is the class (3 classes)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.integers(0, 60, (n, 1, 12, 12), dtype=np.uint8)
+    for i, c in enumerate(y):
+        x[i, 0, :, 1 + c * 4:3 + c * 4] = 255
+    return x, y
+
+
+def train_once(out: str) -> None:
+    from semisup_tasks import distributed
+    from semisup_tasks.models import build_model
+    from semisup_tasks.train import Recipe, train
+
+    distributed.init_from_env()
+    torch.set_num_threads(1)
+    recipe = Recipe(epochs=3, lr=0.05, batch_size=32, augment="affine", seed=7)
+    torch.manual_seed(recipe.seed)
+    model = build_model("cnn_small", 1, 3, (12, 12))
+    for module in model.modules():  # each process draws its own dropout masks: equal in law, not in value
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    x, y = data()
+    summary = train(model, x, y, recipe, name="ddp-test")
+    if distributed.is_main():
+        torch.save({"state": model.state_dict(), "summary": summary}, out)
+
+
+if __name__ == "__main__":
+    train_once(sys.argv[1])
