@@ -32,7 +32,6 @@ from semisup_runners import ERROR_PREFIX, StageRequest
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-STAGE_COMMAND = ["python", "-m", "semisup_tasks"]
 XCOM_RESULT = "/airflow/xcom/return.json"  # where the KubernetesPodOperator's sidecar reads XCom
 
 
@@ -43,13 +42,14 @@ class _StageFields:
     shards: Any
     group: Any
     store: str | None
+    processes: int
 
-    def _set_stage(self, stage: str, shards: Any, group: Any, store: str | None) -> None:
+    def _set_stage(self, stage: str, shards: Any, group: Any, store: str | None, processes: int) -> None:
         check_stage_name(stage)
-        self.stage, self.shards, self.group, self.store = stage, shards, group, store
+        self.stage, self.shards, self.group, self.store, self.processes = stage, shards, group, store, processes
 
     def stage_request(self, context: Context) -> StageRequest:
-        return stage_request(self.stage, self.shards, self.group, self.store, context)
+        return stage_request(self.stage, self.shards, self.group, self.store, context, self.processes)
 
     @property
     def operator_extra_links(self):  # type: ignore[override]
@@ -78,19 +78,19 @@ class SemisupDockerStageOperator(_StageFields, DockerOperator):
     ui_color = "#e3f2e8"
 
     def __init__(self, *, stage: str, shards: Any = None, group: Any = None, store: str | None = None,
-                 credential_env: tuple[str, ...] = CREDENTIAL_ENV, **kwargs: Any) -> None:
+                 processes: int = 1, credential_env: tuple[str, ...] = CREDENTIAL_ENV, **kwargs: Any) -> None:
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("xcom_all", True)  # the result is found among the last lines
         kwargs.setdefault("mount_tmp_dir", False)  # the worker itself may run in a container
         kwargs.setdefault("auto_remove", "success")
         super().__init__(command=None, **kwargs)
-        self._set_stage(stage, shards, group, store)
+        self._set_stage(stage, shards, group, store, processes)
         self.credential_env = credential_env
 
     def prepare(self, context: Context) -> StageRequest:
         """Set the container's command and environment for this run (called by ``execute``)."""
         request = self.stage_request(context)
-        self.command = [*STAGE_COMMAND, *request.cli_args(None)]
+        self.command = request.command("python", None)
         self.environment = {**self.environment, "PYTHONUNBUFFERED": "1",
                             **{k: os.environ[k] for k in STORE_ENV if k in os.environ}}
         # private: never templated, rendered or logged by the operator
@@ -118,20 +118,21 @@ class SemisupKubernetesStageOperator(_StageFields, KubernetesPodOperator):
     ui_color = "#e8eaf6"
 
     def __init__(self, *, stage: str, shards: Any = None, group: Any = None, store: str | None = None,
-                 **kwargs: Any) -> None:
+                 processes: int = 1, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"semisup-{stage}")
-        kwargs.setdefault("cmds", list(STAGE_COMMAND))
+        kwargs.setdefault("cmds", ["python"])
         kwargs.setdefault("do_xcom_push", True)
         kwargs.setdefault("durable", True)  # a retried task re-attaches to its pod instead of starting another
         kwargs.setdefault("on_finish_action", "delete_succeeded_pod")  # failed pods stay for a look
         kwargs.setdefault("get_logs", True)
         kwargs["labels"] = {"app": "semisup", "semisup-stage": stage, **(kwargs.get("labels") or {})}
         super().__init__(**kwargs)
-        self._set_stage(stage, shards, group, store)
+        self._set_stage(stage, shards, group, store, processes)
 
     def prepare(self, context: Context) -> StageRequest:
         request = self.stage_request(context)
-        self.arguments = request.cli_args(XCOM_RESULT)
+        self.cmds, *rest = request.command("python", XCOM_RESULT)
+        self.cmds, self.arguments = [self.cmds], rest
         return request
 
     def execute(self, context: Context) -> Any:

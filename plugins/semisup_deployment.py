@@ -41,6 +41,8 @@ from typing import Any
 RUNNER_NAMES = ("local", "docker", "kubernetes")
 #: stages that run a model: they get the ``gpu`` resources and the GPU pool
 GPU_STAGES = ("train-teacher", "train-baseline", "train-oracle", "score", "pretrain-student", "finetune-student")
+#: stages that train: several GPUs mean several data-parallel processes (torchrun)
+TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
 #: what containers need to reach an S3 store; passed privately (Docker) or from a Secret (Kubernetes)
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: not secret, so they may appear in the container's environment as is
@@ -167,6 +169,8 @@ def load_deployment(env: dict[str, str] | None = None) -> Deployment:
 def _common_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
     resources = deployment.resources_for(stage)
     kwargs: dict[str, Any] = {}
+    if stage in TRAINING_STAGES and resources.gpus > 1:
+        kwargs["processes"] = resources.gpus  # data-parallel under torchrun, one process per GPU
     if deployment.gpu_pool and stage in GPU_STAGES:
         kwargs["pool"] = deployment.gpu_pool
     if deployment.gpu_queue and stage in GPU_STAGES:

@@ -97,6 +97,7 @@ class SemisupStageOperator(BaseOperator):
         ``SemisupStageOperator.partial(...).expand(group=score_groups(plan.output))``).
     :param store: store root URI; defaults to the DAG run's ``store`` param. A relative
         ``file://`` URI is made absolute against the worker's working directory.
+    :param processes: for a training stage, data-parallel processes under torchrun (one per GPU).
     :param runner: where the stage runs: ``local`` (a subprocess of the worker). Docker and
         Kubernetes have operators of their own (``semisup_containers``); ``semisup_deployment.stage_task``
         picks the one a deployment is configured for.
@@ -113,6 +114,7 @@ class SemisupStageOperator(BaseOperator):
         group: int | None = None,
         store: str | None = None,
         runner: str = "local",
+        processes: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -123,6 +125,7 @@ class SemisupStageOperator(BaseOperator):
         self.group = group
         self.store = store
         self.runner = runner
+        self.processes = processes
         self._active_runner: StageRunner | None = None
 
     @property
@@ -133,7 +136,7 @@ class SemisupStageOperator(BaseOperator):
         return ()
 
     def build_request(self, context: Context) -> StageRequest:
-        return stage_request(self.stage, self.shards, self.group, self.store, context)
+        return stage_request(self.stage, self.shards, self.group, self.store, context, self.processes)
 
     # -- Airflow hooks -------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
@@ -158,7 +161,8 @@ class SemisupStageOperator(BaseOperator):
             self._active_runner.kill()
 
 
-def stage_request(stage: str, shards: Any, group: Any, store: str | None, context: Context) -> StageRequest:
+def stage_request(stage: str, shards: Any, group: Any, store: str | None, context: Context,
+                  processes: int = 1) -> StageRequest:
     """The request every runner executes: the DAG run's params (``store`` removed) validated as
     PipelineParams (a bad value fails the task without retries), the store and the run id."""
     params = {key: context["params"][key] for key in context["params"]}
@@ -174,7 +178,7 @@ def stage_request(stage: str, shards: Any, group: Any, store: str | None, contex
     return StageRequest(stage=stage, store=resolve_store(str(store)), run_id=context["run_id"],
                         params=pipeline.to_dict(),
                         shards=None if shards is None else [str(s) for s in _as_list(shards)],
-                        group=None if group is None else int(group))
+                        group=None if group is None else int(group), processes=int(processes))
 
 
 def check_stage_name(stage: Any) -> None:

@@ -48,6 +48,14 @@ class StageRequest:
     params: dict[str, Any]
     shards: list[str] | None = field(default=None)
     group: int | None = field(default=None)  # index of one of the plan's shard groups (score, filter)
+    processes: int = 1  # > 1: a training stage runs data-parallel under torchrun, one process per GPU
+
+    def command(self, python: str, result_file: str | None) -> list[str]:
+        """The whole command line: ``python -m semisup_tasks ...``, under torchrun for several processes."""
+        launcher = [python]
+        if self.processes > 1:
+            launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.processes}"]
+        return [*launcher, "-m", "semisup_tasks", *self.cli_args(result_file)]
 
     def cli_args(self, result_file: str | None) -> list[str]:
         """Arguments after ``python -m semisup_tasks`` (identical for every runner). Without a result
@@ -119,7 +127,7 @@ class LocalRunner(StageRunner):
         self._proc: subprocess.Popen[str] | None = None
 
     def command(self, request: StageRequest, result_file: str) -> list[str]:
-        return [self.python, "-m", "semisup_tasks", *request.cli_args(result_file)]
+        return request.command(self.python, result_file)
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -70,9 +70,12 @@ def test_kubernetes_pod_spec_of_a_gpu_stage(kubeconfig, credentials):
     assert pod["metadata"]["labels"]["semisup-stage"] == "train-teacher"
     (base,) = [c for c in pod["spec"]["containers"] if c["name"] == "base"]
     assert base["image"] == "registry.example.com/semisup-stage:0.1.0"
-    assert base["command"] == ["python", "-m", "semisup_tasks"]
+    # two GPUs: the training stage runs data-parallel under torchrun, one process per GPU
+    assert base["command"] == ["python"]
     args = base["args"]
-    assert args[:2] == ["stage", "train-teacher"] and args[args.index("--run-id") + 1] == "manual__1"
+    assert args[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    at = args.index("semisup_tasks")
+    assert args[at + 1:at + 3] == ["stage", "train-teacher"] and args[args.index("--run-id") + 1] == "manual__1"
     assert args[args.index("--store") + 1] == "s3://bucket/semisup"
     assert json.loads(args[args.index("--params-json") + 1])["k"] == 50
     assert args[-2:] == ["--result-file", "/airflow/xcom/return.json"]  # read by the XCom sidecar
@@ -101,6 +104,7 @@ def test_mapped_score_tasks_and_cheap_stages_follow_the_deployment(kubeconfig):
     score.prepare(context())
     (base,) = [c for c in rendered_pod(score)["spec"]["containers"] if c["name"] == "base"]
     assert base["args"][base["args"].index("--group") + 1] == "7"
+    assert base["args"][:4] == ["-m", "semisup_tasks", "stage", "score"]  # scoring: one process per pod
 
 
 def test_docker_arguments_of_a_gpu_stage(credentials):

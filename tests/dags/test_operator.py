@@ -195,3 +195,17 @@ def test_plan_on_an_empty_store_fails_without_retry_with_the_stage_message(tmp_p
     message = str(info.value)
     assert "mnist-demo" in message and "not in the store" in message, message
     assert "Traceback" not in message
+
+
+def test_training_stages_on_several_gpus_launch_under_torchrun():
+    from semisup_deployment import deployment_from_dict, stage_task
+
+    dep = deployment_from_dict({"resources": {"train-teacher": {"gpus": 4}, "score": {"gpus": 4}}})
+    teacher, score = stage_task("t", "train-teacher", dep), stage_task("s", "score", dep)
+    assert teacher.processes == 4 and score.processes == 1  # scoring scales out by mapped tasks instead
+    req = StageRequest(stage="train-teacher", store="file:///s", run_id="r", params={}, processes=4)
+    assert req.command("py", "out.json")[:7] == ["py", "-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node=4", "-m", "semisup_tasks"]
+    assert LocalRunner(python="py").command(req, "out.json") == req.command("py", "out.json")
+    one = StageRequest(stage="plan", store="file:///s", run_id="r", params={})
+    assert one.command("py", None)[:4] == ["py", "-m", "semisup_tasks", "stage"]
