@@ -31,6 +31,9 @@ def main(dag_id: str, conf: str, out: str) -> int:
         xcoms = session.scalars(
             select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == dr.run_id)
         ).all()
+        from airflow.models.renderedtifields import RenderedTaskInstanceFields as RTIF
+
+        rendered = session.scalars(select(RTIF).where(RTIF.dag_id == dag_id, RTIF.run_id == dr.run_id)).all()
         report = {
             "run_id": dr.run_id,
             "state": str(dr.state),
@@ -40,6 +43,7 @@ def main(dag_id: str, conf: str, out: str) -> int:
                 for ti in tis
             ],
             "xcom": {f"{x.task_id}[{x.map_index}].{x.key}": XComModel.deserialize_value(x) for x in xcoms},
+            "rendered": {f"{r.task_id}[{r.map_index}]": r.rendered_fields for r in rendered},
         }
     with open(out, "w") as fh:
         json.dump(report, fh, indent=2, default=str)
