@@ -11,8 +11,8 @@ it, and the same JSON result document as their XCom ``return_value``:
   credentials from a Kubernetes ``Secret`` (``envFrom``), deferrable, re-attaching to its pod on
   retry; the result goes through the XCom sidecar (``/airflow/xcom/return.json``).
 
-A stage that refuses its input exits with status 2: under Docker that fails the task without
-retries, as with the local runner.
+A stage that refuses its input exits with status 2 (in a pod it also writes its one-sentence error
+as the termination message): that fails the task without retries, as with the local runner.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from semisup_deployment import CREDENTIAL_ENV, STORE_ENV, Deployment
 from semisup_operator import REPORT_TASK_STAGE, SemisupReportLink, check_stage_name, stage_request
-from semisup_runners import ERROR_PREFIX, StageRequest
+from semisup_runners import ERROR_PREFIX, USER_ERROR_EXIT, StageRequest
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -138,6 +138,24 @@ class SemisupKubernetesStageOperator(_StageFields, KubernetesPodOperator):
     def execute(self, context: Context) -> Any:
         self.prepare(context)
         return super().execute(context)
+
+    def cleanup(self, pod, remote_pod, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().cleanup(pod, remote_pod, *args, **kwargs)
+        except AirflowException as exc:
+            if exit_code(remote_pod, self.base_container_name) == USER_ERROR_EXIT:
+                # the stage refused its input: retrying cannot help (its sentence is the termination message)
+                raise AirflowFailException(f"Stage {self.stage} refused its input: {exc}") from None
+            raise
+
+
+def exit_code(remote_pod: Any, container: str) -> int | None:
+    """The exit status of ``container`` in a finished pod, when the pod's status has it."""
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status else None) or []
+    for status in statuses:
+        if status.name == container and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
 
 
 def docker_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:

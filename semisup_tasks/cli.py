@@ -130,8 +130,21 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(metrics, indent=2, sort_keys=True) if args.format == "json" else render_table(metrics))
     except (ConfigError, StoreError, OSError) as exc:  # OSError: missing or unreadable local files
         print(f"semisup: error: {exc}", file=sys.stderr)
+        _termination_message(f"semisup: error: {exc}")
         return USER_ERROR
     return 0
+
+
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _termination_message(text: str) -> None:
+    """In a Kubernetes pod, the error sentence also goes where the pod's status (and Airflow) read it."""
+    try:
+        if TERMINATION_LOG.exists():
+            TERMINATION_LOG.write_text(text)
+    except OSError:
+        pass  # not in a pod, or not writable: stderr has it anyway
 
 
 def run() -> None:

@@ -337,3 +337,14 @@ def test_regrouped_shards_never_reuse_another_grouping_s_histograms(store):
     everything = histogram(store.read_table(k) for k in store.list("cache/scores"))
     rows = np.bincount(everything.column("cls").to_numpy(), weights=everything.column("count").to_numpy())
     assert cut["rows"] == rows.astype(int).tolist()
+
+
+def test_cli_user_error_is_also_the_pod_termination_message(store, tmp_path, monkeypatch):
+    import semisup_tasks.cli as cli
+
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    monkeypatch.setattr(cli, "TERMINATION_LOG", log)
+    assert cli.main(["stage", "plan", "--store", store.uri, "--run-id", "t", "--params-json",
+                     json.dumps(params(p=9))]) == 2
+    assert log.read_text().startswith("semisup: error: Parameter p=9 exceeds")

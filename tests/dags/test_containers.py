@@ -218,3 +218,30 @@ def test_the_committed_deployment_files_load():
     k8s = load_deployment({"SEMISUP_DEPLOYMENT": str(ROOT / "deploy" / "kubernetes.example.yaml")})
     assert k8s.runner_for("score") == "kubernetes" and k8s.runner_for("evaluate") == "local"
     assert k8s.resources_for("score").gpus == 1 and k8s.resources_for("materialize").memory == "64Gi"
+
+
+def test_a_pod_that_refused_its_input_fails_without_retries(kubeconfig, monkeypatch):
+    """No cluster here: KubernetesPodOperator.cleanup is replaced by the failure it raises for a failed pod."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from kubernetes.client import models as k8s
+    from semisup_containers import exit_code
+
+    def pod(code: int) -> k8s.V1Pod:
+        state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code))
+        status = k8s.V1ContainerStatus(name="base", state=state, image="i", image_id="", ready=False,
+                                       restart_count=0)
+        return k8s.V1Pod(status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))
+
+    assert exit_code(pod(2), "base") == 2 and exit_code(pod(2), "other") is None and exit_code(None, "base") is None
+
+    def failed(self, pod, remote_pod, *args, **kwargs):
+        raise AirflowException("Pod semisup-plan returned a failure.\\nsemisup: error: Parameter p=9 exceeds ...")
+
+    monkeypatch.setattr(KubernetesPodOperator, "cleanup", failed)
+    op = stage_task("plan", "plan", k8s_deployment(kubeconfig))
+    with pytest.raises(AirflowFailException, match="refused its input: .*Parameter p=9"):
+        op.cleanup(None, pod(2))
+    with pytest.raises(AirflowException) as crash:  # any other exit status is retried
+        op.cleanup(None, pod(137))
+    assert not isinstance(crash.value, AirflowFailException)
