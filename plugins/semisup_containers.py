@@ -38,6 +38,9 @@ XCOM_RESULT = "/airflow/xcom/return.json"  # where the KubernetesPodOperator's s
 class _StageFields:
     """What both container operators add to their provider operator: the stage and its shards."""
 
+    # the command is set at run time: show that one in the UI's rendered view, not the empty default
+    overwrite_rtif_after_execution = True
+
     stage: str
     shards: Any
     group: Any
@@ -90,7 +93,9 @@ class SemisupDockerStageOperator(_StageFields, DockerOperator):
     def prepare(self, context: Context) -> StageRequest:
         """Set the container's command and environment for this run (called by ``execute``)."""
         request = self.stage_request(context)
-        self.command = request.command("python", None)
+        # the image's entrypoint is `semisup`: run the whole command line instead
+        self.entrypoint, *self.command = request.command("python", None)
+        self.entrypoint = [self.entrypoint]
         self.environment = {**self.environment, "PYTHONUNBUFFERED": "1",
                             **{k: os.environ[k] for k in STORE_ENV if k in os.environ}}
         # private: never templated, rendered or logged by the operator
@@ -130,9 +135,19 @@ class SemisupKubernetesStageOperator(_StageFields, KubernetesPodOperator):
         self._set_stage(stage, shards, group, store, processes)
 
     def prepare(self, context: Context) -> StageRequest:
+        from kubernetes.client import models as k8s
+
         request = self.stage_request(context)
         self.cmds, *rest = request.command("python", XCOM_RESULT)
         self.cmds, self.arguments = [self.cmds], rest
+        # where the store is (not secret: the credentials come from the Secret), as the worker sees it
+        store_env = {k: os.environ[k] for k in STORE_ENV if k in os.environ}
+        if isinstance(self.env_vars, dict):  # converted to V1EnvVar when the pod is built
+            self.env_vars = {**store_env, **self.env_vars}
+        else:
+            present = {e.name for e in self.env_vars}
+            self.env_vars = [*self.env_vars, *(k8s.V1EnvVar(name=k, value=v) for k, v in store_env.items()
+                                               if k not in present)]
         return request
 
     def execute(self, context: Context) -> Any:
@@ -143,7 +158,8 @@ class SemisupKubernetesStageOperator(_StageFields, KubernetesPodOperator):
         try:
             super().cleanup(pod, remote_pod, *args, **kwargs)
         except AirflowException as exc:
-            if exit_code(remote_pod, self.base_container_name) == USER_ERROR_EXIT:
+            code = exit_code(remote_pod, self.base_container_name)
+            if code == USER_ERROR_EXIT or (code and ERROR_PREFIX in str(exc)):  # torchrun exits 1
                 # the stage refused its input: retrying cannot help (its sentence is the termination message)
                 raise AirflowFailException(f"Stage {self.stage} refused its input: {exc}") from None
             raise
@@ -161,35 +177,39 @@ def exit_code(remote_pod: Any, container: str) -> int | None:
 def docker_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
     from docker.types import DeviceRequest, Mount
 
-    d, resources = deployment.docker, deployment.resources_for(stage)
+    d, resources, gpus = deployment.docker, deployment.resources_for(stage), deployment.gpus_for(stage)
     kwargs: dict[str, Any] = {"image": deployment.image, "shm_size": d.shm_size, "network_mode": d.network_mode,
                               "mounts": [Mount(**m) for m in d.mounts], "user": d.user}
     if d.docker_url:
         kwargs["docker_url"] = d.docker_url
-    if resources.gpus:
-        kwargs["device_requests"] = [DeviceRequest(count=resources.gpus, capabilities=[["gpu"]])]
+    if gpus:
+        kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
     if resources.memory:
         kwargs["mem_limit"] = resources.memory
-    if resources.cpu:
-        kwargs["cpus"] = float(resources.cpu)
-    return kwargs
+    return kwargs  # (DockerOperator's `cpus` is a relative weight, not a limit: CPU limits are Kubernetes-only)
 
 
 def kubernetes_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
 
-    k, resources = deployment.kubernetes, deployment.resources_for(stage)
+    k, resources, gpus = deployment.kubernetes, deployment.resources_for(stage), deployment.gpus_for(stage)
     requests = {key: value for key, value in (("cpu", resources.cpu), ("memory", resources.memory)) if value}
     limits = dict(requests)
-    if resources.gpus:
-        limits["nvidia.com/gpu"] = str(resources.gpus)  # GPUs are requested through limits
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)  # GPUs are requested through limits
     kwargs: dict[str, Any] = {
-        "image": deployment.image, "namespace": k.namespace, "node_selector": dict(k.node_selector),
-        "tolerations": [k8s.V1Toleration(**t) for t in k.tolerations],
+        "image": deployment.image, "namespace": k.namespace,
+        # GPU nodes only for stages that use a GPU: select, filter and materialize stay off them
+        "node_selector": dict(k.node_selector) if gpus else {},
+        "tolerations": [k8s.V1Toleration(**t) for t in k.tolerations] if gpus else [],
         "container_resources": k8s.V1ResourceRequirements(requests=requests or None, limits=limits or None),
         "secrets": [Secret("env", None, k.secret_name)] if k.secret_name else [],
         "env_vars": {"PYTHONUNBUFFERED": "1"},
+        # the default 64 MB /dev/shm is too small for DataLoader workers and NCCL
+        "volumes": [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
+                                                                                    size_limit=k.shm_size))],
+        "volume_mounts": [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
         "service_account_name": k.service_account_name,
         "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in k.image_pull_secrets] or None,
         "deferrable": k.deferrable, "startup_timeout_seconds": k.startup_timeout_seconds,

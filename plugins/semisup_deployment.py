@@ -43,6 +43,7 @@ RUNNER_NAMES = ("local", "docker", "kubernetes")
 GPU_STAGES = ("train-teacher", "train-baseline", "train-oracle", "score", "pretrain-student", "finetune-student")
 #: stages that train: several GPUs mean several data-parallel processes (torchrun)
 TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
+STAGES = (*GPU_STAGES, "plan", "thresholds", "filter", "select", "materialize", "evaluate")
 #: what containers need to reach an S3 store; passed privately (Docker) or from a Secret (Kubernetes)
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: not secret, so they may appear in the container's environment as is
@@ -56,9 +57,19 @@ class DeploymentError(ValueError):
 @dataclass(frozen=True)
 class StageResources:
     gpus: int = 0
-    cpu: str | None = None  # Kubernetes quantity, e.g. "8"; for Docker, CPUs as a number
+    cpu: str | None = None  # Kubernetes quantity, e.g. "8" (Kubernetes only)
     memory: str | None = None  # Kubernetes quantity, e.g. "32Gi"; for Docker, e.g. "32g"
     timeout_minutes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("gpus", "timeout_minutes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise DeploymentError(f"Deployment resources: {name} must be a whole number of at least 0, "
+                                      f"not {value!r}.")
+        for name in ("cpu", "memory"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))  # YAML reads 8 as a number
 
 
 @dataclass(frozen=True)
@@ -74,11 +85,13 @@ class DockerSettings:
 class KubernetesSettings:
     namespace: str = "default"
     node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)  # node selector and tolerations: GPU stages
+    shm_size: str = "8Gi"  # /dev/shm (a memory-backed volume): DataLoader workers, NCCL
     secret_name: str | None = None  # a Secret whose keys become the pod's environment (credentials)
     service_account_name: str | None = None
     image_pull_secrets: list[str] = field(default_factory=list)
     deferrable: bool = True  # the triggerer watches the pod; the worker slot is free meanwhile
+    #   (so make the gpu pool count deferred tasks: `airflow pools set gpu N ... --include-deferred`)
     startup_timeout_seconds: int = 900  # GPU nodes scale up and stage images are large
     in_cluster: bool | None = None
     config_file: str | None = None
@@ -101,17 +114,32 @@ class Deployment:
                                                         for s, r in self.stage_runners.items())]:
             if name not in RUNNER_NAMES:
                 raise DeploymentError(f"Deployment {where} is {name!r}; use one of {', '.join(RUNNER_NAMES)}.")
+        for where, keys, extra in (("stage_runners", self.stage_runners, ()),
+                                   ("resources", self.resources, ("default", "gpu"))):
+            unknown = sorted(set(keys) - set(STAGES) - set(extra))
+            if unknown:
+                raise DeploymentError(f"Deployment {where} names unknown stage(s) {', '.join(unknown)}; stages are "
+                                      f"{', '.join((*extra, *STAGES))}.")
 
     def runner_for(self, stage: str) -> str:
         return self.stage_runners.get(stage, self.runner)
 
     def resources_for(self, stage: str) -> StageResources:
-        """The stage's own entry, else ``gpu`` for GPU stages in containers (one GPU by default), else ``default``."""
+        """The stage's own entry, else ``gpu`` for GPU stages (in containers one GPU unless it says
+        otherwise), else ``default``."""
         if stage in self.resources:
             return self.resources[stage]
-        if stage in GPU_STAGES and self.runner_for(stage) != "local":
-            return self.resources.get("gpu", StageResources(gpus=1))
+        if stage in GPU_STAGES:
+            if "gpu" in self.resources:
+                return self.resources["gpu"]
+            if self.runner_for(stage) != "local":
+                return StageResources(gpus=1)
         return self.resources.get("default", StageResources())
+
+    def gpus_for(self, stage: str) -> int:
+        """GPUs the stage's task takes: training uses all it is given (torchrun); scoring and the rest one at most."""
+        gpus = self.resources_for(stage).gpus
+        return gpus if stage in TRAINING_STAGES else min(1, gpus)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -152,12 +180,13 @@ def load_deployment(env: dict[str, str] | None = None) -> Deployment:
         except OSError as exc:
             raise DeploymentError(f"Cannot read the deployment file SEMISUP_DEPLOYMENT={path}: "
                                   f"{exc.strerror}.") from None
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+        import yaml  # installed with Airflow
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        try:
+            data = (yaml.safe_load(text) or {}) if path.endswith((".yaml", ".yml")) else json.loads(text)
+        except (ValueError, yaml.YAMLError) as exc:  # ValueError: json's errors
+            reason = " ".join(str(exc).split())
+            raise DeploymentError(f"The deployment file {path} is not valid YAML or JSON: {reason}.") from None
         if not isinstance(data, dict):
             raise DeploymentError(f"The deployment file {path} must hold a mapping of settings.")
     for key, var in (("runner", "SEMISUP_RUNNER"), ("image", "SEMISUP_IMAGE")):
@@ -167,12 +196,13 @@ def load_deployment(env: dict[str, str] | None = None) -> Deployment:
 
 
 def _common_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
-    resources = deployment.resources_for(stage)
+    resources, gpus = deployment.resources_for(stage), deployment.gpus_for(stage)
     kwargs: dict[str, Any] = {}
-    if stage in TRAINING_STAGES and resources.gpus > 1:
-        kwargs["processes"] = resources.gpus  # data-parallel under torchrun, one process per GPU
+    if stage in TRAINING_STAGES and gpus > 1:
+        kwargs["processes"] = gpus  # data-parallel under torchrun, one process per GPU
     if deployment.gpu_pool and stage in GPU_STAGES:
         kwargs["pool"] = deployment.gpu_pool
+        kwargs["pool_slots"] = max(1, gpus)  # the pool counts GPUs, not tasks
     if deployment.gpu_queue and stage in GPU_STAGES:
         kwargs["queue"] = deployment.gpu_queue
     if resources.timeout_minutes:

@@ -104,6 +104,13 @@ def semisup_tasks_root() -> str | None:
     return str(Path(spec.origin).resolve().parent.parent) if spec.origin else None
 
 
+def is_user_error(exit_code: int | None, lines: list[str]) -> bool:
+    """The stage refused its input: exit status 2, or (torchrun exits 1 whatever its workers did)
+    a ``semisup: error:`` line, which only a refused input prints."""
+    return exit_code == USER_ERROR_EXIT or (exit_code not in (0, None)
+                                            and any(line.startswith(ERROR_PREFIX) for line in lines))
+
+
 def last_error_line(lines: list[str]) -> str:
     """The stage's one-sentence error: its ``semisup: error:`` line, else the last line."""
     for line in reversed(lines):
@@ -158,7 +165,7 @@ class LocalRunner(StageRunner):
                 log.info("[%s] %s", request.stage, line)
             code = self._proc.wait()
             self._proc = None
-            if code == USER_ERROR_EXIT:
+            if is_user_error(code, list(tail)):
                 raise StageUserError(last_error_line(list(tail)))
             if code != 0:
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"

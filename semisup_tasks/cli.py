@@ -86,8 +86,9 @@ def _emit(result: dict, result_file: str | None) -> None:
     text = json.dumps(result, sort_keys=True)
     if result_file:
         Path(result_file).write_text(text)
-    else:
-        print(text)
+    else:  # one write: a container runtime interleaving stderr cannot split the line
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .distributed import training_device
 from .images import decode_table
 from .store import Store
 from .train import prepare
@@ -35,7 +36,7 @@ def top_p(logits: torch.Tensor, p: int) -> tuple[np.ndarray, np.ndarray]:
 
 def scoring_precision(device: str | None = None) -> str:
     """The arithmetic scores are computed in: part of the score cache key."""
-    return "bf16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "fp32"
+    return "bf16" if (device or training_device().type) == "cuda" else "fp32"
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def score_shards(model: nn.Module, store: Store, shards: list[str], p: int, chan
                  image_size: tuple[int, int], batch_size: int = 256, workers: int = 2,
                  device: str | None = None) -> Iterator[tuple[str, pa.Table]]:
     """Yield (shard key, long-format score table) per shard, one row per (image, top-P class)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or training_device().type
     shards = list(dict.fromkeys(shards))  # one worker per shard: a repeated key would mix two scorings
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     loader = DataLoader(ShardBatches(store.uri, shards, channels, image_size, batch_size), batch_size=None,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import distributed
+from .distributed import training_device
 
 log = logging.getLogger("semisup.train")
 
@@ -139,8 +141,7 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
     Under torchrun every process draws the same global batches and trains on its stride of each
     (see :mod:`semisup_tasks.distributed`): the result follows the one-process run.
     """
-    from . import distributed
-
+    distributed.init_from_env()
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     n = len(source)
@@ -154,8 +155,9 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(distributed.global_batch_norm(model),
+        net = DistributedDataParallel(global_batch_norm(model),
                                       device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(recipe.seed + rank)  # own dropout masks per process; batches and augmentation use gen
     if recipe.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
@@ -166,7 +168,7 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
     model.train()
     losses = []
     for epoch in range(recipe.epochs):
-        epoch_loss = torch.zeros(1, dtype=torch.float64)  # the sum of per-sample losses
+        epoch_loss = torch.zeros(1, dtype=torch.float64, device=device)  # the sum of per-sample losses
         for x_u8, y in source.batches(recipe.batch_size, gen):
             if len(y) < max(2, world) and n >= 2:  # BatchNorm needs two samples, every process one
                 continue
@@ -198,12 +200,45 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
     return {**summary, "processes": world} if world > 1 else summary
 
 
-def training_device() -> torch.device:
-    """This process's GPU when there is one (under torchrun: LOCAL_RANK's), else the CPU;
-    ``SEMISUP_DEVICE=cpu`` keeps a GPU host's stages on the CPU."""
-    if torch.cuda.is_available() and os.environ.get("SEMISUP_DEVICE", "cuda") != "cpu":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch, on CPU (gloo) too,
+    where ``nn.SyncBatchNorm`` refuses to run. The sums go through an autograd-aware all-reduce,
+    so gradients flow through the shared mean and variance as in one process."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        count = torch.tensor([x.numel() / channels], dtype=x.dtype)
+        stats = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)  # E[x²] - mean² rounds below 0
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)  # unbiased, as BN keeps
+        shape = (1, channels, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def global_batch_norm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``model`` (in place) made to use global-batch statistics."""
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                                child.track_running_stats)
+                replacement.load_state_dict(child.state_dict())
+                setattr(parent, name, replacement)
+    return model
 
 
 @torch.no_grad()

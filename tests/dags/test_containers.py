@@ -62,7 +62,8 @@ def test_kubernetes_pod_spec_of_a_gpu_stage(kubeconfig, credentials):
 
     op = stage_task("train_teacher", "train-teacher", k8s_deployment(kubeconfig))
     assert isinstance(op, SemisupKubernetesStageOperator)
-    assert op.pool == "gpu" and op.execution_timeout.total_seconds() == 720 * 60
+    assert op.pool == "gpu" and op.pool_slots == 2  # the pool counts GPUs
+    assert op.execution_timeout.total_seconds() == 720 * 60
     assert op.deferrable and op.durable and op.reattach_on_restart and op.do_xcom_push
     op.prepare(context())
     pod = rendered_pod(op)
@@ -84,6 +85,10 @@ def test_kubernetes_pod_spec_of_a_gpu_stage(kubeconfig, credentials):
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["spec"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
     assert base["envFrom"] == [{"secretRef": {"name": "semisup-s3"}}]  # credentials from the Secret only
+    env = {e["name"]: e.get("value") for e in base["env"]}
+    assert env["AWS_ENDPOINT_URL"] == "http://object-store:9000" and "AWS_SECRET_ACCESS_KEY" not in env
+    assert {"mountPath": "/dev/shm", "name": "dshm"} in base["volumeMounts"]
+    assert {"emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}, "name": "dshm"} in pod["spec"]["volumes"]
     assert any(c["name"] == "airflow-xcom-sidecar" for c in pod["spec"]["containers"])
     text = json.dumps(pod)
     assert SECRET not in text and "AKIA-test-key-id" not in text
@@ -98,13 +103,16 @@ def test_mapped_score_tasks_and_cheap_stages_follow_the_deployment(kubeconfig):
     select = stage_task("select", "select", dep)  # not a GPU stage: no pool, no GPU
     assert isinstance(select, SemisupKubernetesStageOperator) and select.pool != "gpu"
     select.prepare(context())
-    (base,) = [c for c in rendered_pod(select)["spec"]["containers"] if c["name"] == "base"]
+    pod = rendered_pod(select)
+    (base,) = [c for c in pod["spec"]["containers"] if c["name"] == "base"]
     assert "nvidia.com/gpu" not in (base["resources"].get("limits") or {})
+    assert not pod["spec"].get("nodeSelector") and not pod["spec"].get("tolerations")  # off the GPU nodes
     score = stage_task("score", "score", dep, group=7)
     score.prepare(context())
     (base,) = [c for c in rendered_pod(score)["spec"]["containers"] if c["name"] == "base"]
     assert base["args"][base["args"].index("--group") + 1] == "7"
     assert base["args"][:4] == ["-m", "semisup_tasks", "stage", "score"]  # scoring: one process per pod
+    assert base["resources"]["limits"]["nvidia.com/gpu"] == "1" and score.pool_slots == 1  # of the 2 given
 
 
 def test_docker_arguments_of_a_gpu_stage(credentials):
@@ -119,7 +127,8 @@ def test_docker_arguments_of_a_gpu_stage(credentials):
     op = stage_task("score", "score", dep, group=2)
     assert isinstance(op, SemisupDockerStageOperator) and op.pool == "gpu"
     op.prepare(context())
-    assert op.command[:5] == ["python", "-m", "semisup_tasks", "stage", "score"]
+    # the whole command line replaces the image's `semisup` entrypoint
+    assert op.entrypoint == ["python"] and op.command[:4] == ["-m", "semisup_tasks", "stage", "score"]
     assert "--result-file" not in op.command  # the result is the last line of standard output
     # what DockerOperator hands the Docker API, built by docker-py itself
     host = HostConfig(version="1.44", device_requests=op.device_requests, shm_size=op.shm_size,
@@ -175,15 +184,22 @@ def test_deployment_from_environment_and_file(tmp_path):
     ({"kubernetes": {"namespce": "ml"}}, "kubernetes has unknown key"),
     ({"resources": {"gpu": {"gpu": 1}}}, "resources.gpu has unknown key"),
     ({"docker": []}, "docker must be a mapping"),
+    ({"resources": {"gpu": {"gpus": "2"}}}, "gpus must be a whole number of at least 0, not '2'"),
+    ({"resources": {"train_teacher": {"gpus": 1}}}, "resources names unknown stage"),
+    ({"stage_runners": {"scoring": "local"}}, "stage_runners names unknown stage"),
 ])
 def test_bad_deployments_fail_with_one_sentence(data, message):
     with pytest.raises(DeploymentError, match=message):
         deployment_from_dict(data)
 
 
-def test_missing_deployment_file_is_one_sentence():
+def test_missing_or_malformed_deployment_file_is_one_sentence(tmp_path):
     with pytest.raises(DeploymentError, match="Cannot read the deployment file"):
         load_deployment({"SEMISUP_DEPLOYMENT": "/nonexistent/deploy.yaml"})
+    for name, text in (("bad.yaml", "runner: [local\n"), ("bad.json", "{runner: local}")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DeploymentError, match=f"{name} is not valid YAML or JSON"):
+            load_deployment({"SEMISUP_DEPLOYMENT": str(tmp_path / name)})
 
 
 @pytest.mark.parametrize("runner", ["docker", "kubernetes"])
@@ -235,13 +251,18 @@ def test_a_pod_that_refused_its_input_fails_without_retries(kubeconfig, monkeypa
 
     assert exit_code(pod(2), "base") == 2 and exit_code(pod(2), "other") is None and exit_code(None, "base") is None
 
+    message = ["Pod semisup-plan returned a failure. semisup: error: Parameter p=9 exceeds the classes."]
+
     def failed(self, pod, remote_pod, *args, **kwargs):
-        raise AirflowException("Pod semisup-plan returned a failure.\\nsemisup: error: Parameter p=9 exceeds ...")
+        raise AirflowException(message[0])
 
     monkeypatch.setattr(KubernetesPodOperator, "cleanup", failed)
     op = stage_task("plan", "plan", k8s_deployment(kubeconfig))
     with pytest.raises(AirflowFailException, match="refused its input: .*Parameter p=9"):
         op.cleanup(None, pod(2))
-    with pytest.raises(AirflowException) as crash:  # any other exit status is retried
+    with pytest.raises(AirflowFailException):  # torchrun exits 1 whatever its workers did: the sentence tells
+        op.cleanup(None, pod(1))
+    message[0] = "Pod semisup-plan returned a failure."
+    with pytest.raises(AirflowException) as crash:  # any other failure is retried
         op.cleanup(None, pod(137))
     assert not isinstance(crash.value, AirflowFailException)

@@ -209,3 +209,12 @@ def test_training_stages_on_several_gpus_launch_under_torchrun():
     assert LocalRunner(python="py").command(req, "out.json") == req.command("py", "out.json")
     one = StageRequest(stage="plan", store="file:///s", run_id="r", params={})
     assert one.command("py", None)[:4] == ["py", "-m", "semisup_tasks", "stage"]
+
+
+def test_a_refused_input_under_torchrun_is_still_a_user_error():
+    from semisup_runners import is_user_error
+
+    assert is_user_error(2, ["whatever"])
+    assert is_user_error(1, ["[rank0]: x", "semisup: error: Parameter p=9 exceeds the 3 classes."])  # torchrun: 1
+    assert not is_user_error(1, ["Traceback ...", "RuntimeError: boom"])
+    assert not is_user_error(0, ["semisup: error: ignored on success"])
