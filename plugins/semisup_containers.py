@@ -27,7 +27,7 @@ from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from semisup_deployment import CREDENTIAL_ENV, STORE_ENV, Deployment
 from semisup_operator import REPORT_TASK_STAGE, SemisupReportLink, check_stage_name, stage_request
-from semisup_runners import ERROR_PREFIX, USER_ERROR_EXIT, StageRequest
+from semisup_runners import ERROR_PREFIX, USER_ERROR_EXIT, StageRequest, is_user_error, last_error_line
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -108,10 +108,9 @@ class SemisupDockerStageOperator(_StageFields, DockerOperator):
         try:
             output = super().execute(context)
         except DockerContainerFailedException as exc:
-            errors = [line for line in (exc.logs or []) if str(line).startswith(ERROR_PREFIX)]
-            if errors:  # exit status 2: the stage refused its input; retrying cannot help
-                raise AirflowFailException(f"Stage {self.stage} refused its input: "
-                                           f"{errors[-1][len(ERROR_PREFIX):].strip()}") from None
+            lines = [str(line) for line in exc.logs or []]
+            if is_user_error(1, lines):  # the stage refused its input: retrying cannot help
+                raise AirflowFailException(f"Stage {self.stage} refused its input: {last_error_line(lines)}") from None
             raise
         return result_from_output(output, self.stage)
 
