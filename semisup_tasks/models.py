@@ -86,7 +86,13 @@ def weights_digest(model: nn.Module) -> str:
 
 def load_checkpoint(data: bytes) -> tuple[nn.Module, dict]:
     """Rebuild a model from checkpoint bytes; pickled code is refused (weights_only)."""
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError("A checkpoint holds more than weights (pickled code or objects) and was refused; "
+                          "retrain the model instead of loading this file.") from None
     model = build_model(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"], tuple(ckpt["image_size"]))
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt

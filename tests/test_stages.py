@@ -348,3 +348,20 @@ def test_cli_user_error_is_also_the_pod_termination_message(store, tmp_path, mon
     assert cli.main(["stage", "plan", "--store", store.uri, "--run-id", "t", "--params-json",
                      json.dumps(params(p=9))]) == 2
     assert log.read_text().startswith("semisup: error: Parameter p=9 exceeds")
+
+
+def test_a_tampered_model_in_the_store_is_refused_by_the_next_stage(store, tmp_path):
+    import io
+
+    import torch
+    from test_train import _Planted
+
+    run_stage("plan", store, "t", params())
+    run_stage("train-teacher", store, "t", params())
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"arch": "cnn_small", "payload": _Planted(str(marker))}, buf)
+    store.write_bytes("runs/t/teacher/model.pt", buf.getvalue())  # someone with write access to the store
+    with pytest.raises(ConfigError, match="holds more than weights"):
+        run_stage("score", store, "t", params(), group=0)
+    assert not marker.exists()

@@ -80,3 +80,31 @@ def test_weights_digest_depends_on_weights_only():
     with torch.no_grad():
         b.head[-1].bias[0] += 1e-6
     assert weights_digest(a) != weights_digest(b)
+
+
+class _Planted:
+    """What a tampered checkpoint carries: code that runs when it is unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
+    import io
+
+    from semisup_tasks.config import ConfigError
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"arch": "cnn_small", "state_dict": {}, "payload": _Planted(str(marker))}, buf)
+    with pytest.raises(ConfigError, match="holds more than weights .* and was refused"):
+        load_checkpoint(buf.getvalue())
+    assert not marker.exists()
+    # the same bytes through plain pickle would have run it: the test's payload is real
+    torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert marker.exists()
