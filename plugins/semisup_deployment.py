@@ -38,12 +38,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import semisup_operator  # noqa: F401  (makes semisup_tasks importable from a checkout)
+
+from semisup_tasks.config import STAGE_NAMES, TRAINING_STAGES
+
 RUNNER_NAMES = ("local", "docker", "kubernetes")
 #: stages that run a model: they get the ``gpu`` resources and the GPU pool
-GPU_STAGES = ("train-teacher", "train-baseline", "train-oracle", "score", "pretrain-student", "finetune-student")
-#: stages that train: several GPUs mean several data-parallel processes (torchrun)
-TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
-STAGES = (*GPU_STAGES, "plan", "thresholds", "filter", "select", "materialize", "evaluate")
+GPU_STAGES = (*TRAINING_STAGES, "score")
 #: what containers need to reach an S3 store; passed privately (Docker) or from a Secret (Kubernetes)
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: not secret, so they may appear in the container's environment as is
@@ -116,10 +117,10 @@ class Deployment:
                 raise DeploymentError(f"Deployment {where} is {name!r}; use one of {', '.join(RUNNER_NAMES)}.")
         for where, keys, extra in (("stage_runners", self.stage_runners, ()),
                                    ("resources", self.resources, ("default", "gpu"))):
-            unknown = sorted(set(keys) - set(STAGES) - set(extra))
+            unknown = sorted(set(keys) - set(STAGE_NAMES) - set(extra))
             if unknown:
                 raise DeploymentError(f"Deployment {where} names unknown stage(s) {', '.join(unknown)}; stages are "
-                                      f"{', '.join((*extra, *STAGES))}.")
+                                      f"{', '.join((*extra, *STAGE_NAMES))}.")
 
     def runner_for(self, stage: str) -> str:
         return self.stage_runners.get(stage, self.runner)

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_STORE = "file://./.semisup/store"  # the embedded store, a folder ignored by git
+#: the pipeline's stages, in order; the ones that train a model run data-parallel under torchrun
+TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
+STAGE_NAMES = ("plan", *TRAINING_STAGES[:3], "score", "thresholds", "filter", "select", "materialize",
+               *TRAINING_STAGES[3:], "evaluate")
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import datasets
-from .config import ConfigError, PipelineParams
+from .config import TRAINING_STAGES, ConfigError, PipelineParams
 from .store import SUCCESS, Store, join, run_prefix
 
 log = logging.getLogger("semisup.stages")
@@ -47,6 +47,7 @@ class RunContext:
     def __init__(self, store: Store, run_id: str, params: PipelineParams):
         self.store, self.run_id, self.params = store, run_id, params
         self.prefix = run_prefix(run_id)
+        self._shard_digests: dict[str, str | None] | None = None
 
     def key(self, *parts: str) -> str:
         return join(self.prefix, *parts)
@@ -61,6 +62,13 @@ class RunContext:
         """The plan's groups of drop shards, one per mapped score task (kept in the store, not XCom)."""
         self.plan()
         return self.store.read_json(self.key("plan", "shard_groups.json"))
+
+    def shard_digests(self) -> dict[str, str | None]:
+        """Each drop shard's content digest, from the drop manifests (read once per stage)."""
+        if self._shard_digests is None:
+            self._shard_digests = {s["key"]: s.get("sha256") for d in self.plan()["drops"]
+                                   for s in datasets.load_drop_manifest(self.store, d)["shards"]}
+        return self._shard_digests
 
     def dataset(self) -> dict:
         plan = self.plan()
@@ -297,8 +305,7 @@ def _score_keys(ctx: RunContext, shards: list[str], prefix: str | None = None) -
     shards), and a retrained teacher or another P never reads stale scores.
     """
     prefix = prefix or _score_prefix(ctx)
-    digests = {s["key"]: s.get("sha256") for d in ctx.plan()["drops"]
-               for s in datasets.load_drop_manifest(ctx.store, d)["shards"]}
+    digests = ctx.shard_digests()
     # a drop imported before shard digests existed: fall back to the shard's key
     return {s: join(prefix, f"{digests.get(s) or 'key-' + s.replace('/', '__')}.parquet") for s in shards}
 
@@ -585,8 +592,6 @@ STAGE_DIRS = {"plan": "plan", "thresholds": "thresholds", "select": "select", "m
 
 
 GROUP_STAGES = ("score", "filter")  # mapped over the plan's shard groups; no manifest of their own
-#: stages that train a model: under torchrun, all processes train and rank 0 writes
-TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
 
 
 def _stage_shards(ctx: RunContext, name: str, shards: list[str] | None, group: int | None):
