@@ -28,7 +28,18 @@ import numpy as np
 import pyarrow as pa
 
 from .config import ConfigError
-from .images import DEFAULT_SHARD_SIZE, IMAGE_SUFFIXES, ShardInfo, decode_table, probe, write_shards
+from .images import (
+    BAD_ARCHIVE,
+    CANNOT_BE_READ,
+    DEFAULT_SHARD_SIZE,
+    IMAGE_SUFFIXES,
+    NO_BYTES,
+    BadImage,
+    ShardInfo,
+    decode_table,
+    probe,
+    write_shards,
+)
 from .store import SUCCESS, FileStore, Store, join
 
 logger = logging.getLogger(__name__)
@@ -134,22 +145,22 @@ def _archive_images(src: Store, key: str, skips: _Skips) -> Iterator[tuple[str, 
                     if member.name.lower().endswith(IMAGE_SUFFIXES):
                         yield f"{key}/{member.name}", tar.extractfile(member).read()
         except tarfile.TarError as exc:
-            skips.add(key, f"not a readable tar archive ({exc})")
+            skips.add(key, BAD_ARCHIVE, f"not a readable tar archive ({exc})")
         return
     try:
         table = src.read_table(key)
     except (OSError, pa.ArrowInvalid) as exc:
-        skips.add(key, f"not a readable Parquet file ({exc.__class__.__name__})")
+        skips.add(key, BAD_ARCHIVE, f"not a readable Parquet file ({exc.__class__.__name__})")
         return
     column = next((c for c in IMAGE_COLUMNS if c in table.column_names
                    and pa.types.is_binary(table.schema.field(c).type)), None)
     if column is None:
-        skips.add(key, f"has no image column (one of {', '.join(IMAGE_COLUMNS)})")
+        skips.add(key, BAD_ARCHIVE, f"has no image column (one of {', '.join(IMAGE_COLUMNS)})")
         return
     ids = table.column("key").to_pylist() if "key" in table.column_names else list(range(table.num_rows))
     for row_key, data in zip(ids, table.column(column).to_pylist(), strict=True):
         if data is None:  # a sample img2dataset failed to download
-            skips.add(f"{key}/{row_key}", "no image bytes")
+            skips.add(f"{key}/{row_key}", NO_BYTES)
         else:
             yield f"{key}/{row_key}", data
 
@@ -158,8 +169,8 @@ def _probed(rows: Iterable[tuple[str, bytes]], skips: _Skips) -> Iterator[tuple[
     for key, data in rows:
         try:
             probe(data)
-        except ValueError as exc:
-            skips.add(key, str(exc))
+        except BadImage as exc:
+            skips.add(key, exc.reason, str(exc))
             continue
         yield key, data
 
@@ -189,18 +200,29 @@ def _read_many(src: Store, keys: Sequence[str]) -> Iterator[tuple[str, bytes | N
 
 
 class _Skips:
-    """Counts unreadable images, warning about the first few by name."""
+    """Counts unusable images per reason (images.REASONS), warning about the first few by name."""
 
     def __init__(self, src: Store):
         self.src = src
-        self.count = 0
+        self.reasons: Counter[str] = Counter()
 
-    def add(self, key: str, reason: str) -> None:
-        self.count += 1
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, key: str, reason: str, detail: str | None = None) -> None:
+        self.reasons[reason] += 1
         if self.count <= _MAX_SKIP_WARNINGS:
-            logger.warning("Skipping %s: %s", self.src.url(key), reason)
+            logger.warning("Skipping %s: %s", self.src.url(key), detail or reason)
         elif self.count == _MAX_SKIP_WARNINGS + 1:
-            logger.warning("More unreadable images; only their total is reported")
+            logger.warning("More unusable images; only their counts per reason are reported")
+
+    def as_json(self) -> dict[str, int]:
+        return dict(sorted(self.reasons.items()))
+
+    def summary(self) -> str:
+        """'3 truncated, 1 not an image', most frequent first."""
+        return ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
 
 
 def _readable(
@@ -209,12 +231,12 @@ def _readable(
     """(key, bytes, (channels, height, width)) of every readable image; the others are counted."""
     for key, data in _read_many(src, keys):
         if data is None:
-            skips.add(key, "cannot be read")
+            skips.add(key, CANNOT_BE_READ)
             continue
         try:
             shape = probe(data)
-        except ValueError as exc:
-            skips.add(key, str(exc))
+        except BadImage as exc:
+            skips.add(key, exc.reason, str(exc))
             continue
         yield key, data, shape
 
@@ -244,6 +266,7 @@ def write_dataset(
     source: str,
     *,
     skipped: int = 0,
+    skipped_reasons: Mapping[str, int] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     extra: Mapping[str, Any] | None = None,
 ) -> dict:
@@ -251,6 +274,7 @@ def write_dataset(
 
     ``splits`` maps train/val/test to (image_id, encoded bytes, label) rows; a missing split is
     written as empty. Rows may be a generator, so an import never holds every image in memory.
+    ``skipped`` images were left out, ``skipped_reasons`` counts them per reason.
     """
     _check_name("dataset name", name)
     _check_name("dataset version", version)
@@ -281,6 +305,7 @@ def write_dataset(
         "image_size": [int(image_size[0]), int(image_size[1])],
         "splits": out,
         "skipped": int(skipped),
+        "skipped_reasons": _reasons_json(skipped, skipped_reasons),
         "source": source,
         **dict(extra or {}),
     }
@@ -290,8 +315,28 @@ def write_dataset(
     return manifest
 
 
-def _layout(root: str, keys: Sequence[str]) -> tuple[list[str], list[tuple[str, int, str | None]]]:
-    """Classes and (key, class index, split or None when the split is to be drawn) per image."""
+def _empty_class_dirs(src: Store, keys: Sequence[str]) -> list[str]:
+    """Class folders without any image file: only a local folder can have them (an object store has
+    no empty folders), and they are classes all the same, so class indices follow the folder names."""
+    if not isinstance(src, FileStore):
+        return []
+    split_layout = any(k.split("/", 1)[0] in SPLITS for k in keys if "/" in k)
+    base = src.root / "train" if split_layout else src.root
+    if not base.is_dir():
+        return []
+    with_images = {k.split("/")[1 if split_layout else 0] for k in keys if k.count("/") > int(split_layout)}
+    return sorted(d.name for d in base.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name not in with_images
+                  and not (not split_layout and d.name in SPLITS))
+
+
+def _layout(
+    root: str, keys: Sequence[str], empty_dirs: Sequence[str] = ()
+) -> tuple[list[str], list[tuple[str, int, str | None]]]:
+    """Classes and (key, class index, split or None when the split is to be drawn) per image.
+
+    Checks the tree's shape from the listing alone, before any image is read.
+    """
     top = sorted({k.split("/", 1)[0] for k in keys if "/" in k})
     split_dirs = [d for d in top if d in SPLITS]
     fix = "use one subfolder of images per class, optionally inside train/ val/ test/ folders"
@@ -317,7 +362,15 @@ def _layout(root: str, keys: Sequence[str]) -> tuple[list[str], list[tuple[str, 
         raise ConfigError(f"Folder {where} has no class subfolders with images; {fix}.")
     if loose:
         logger.warning("Ignoring %d image(s) of %s that are not inside a class folder", loose, root)
-    classes = sorted({cls for _, cls, _ in placed})
+    classes = sorted({cls for _, cls, split in placed if split in (None, "train")} | set(empty_dirs))
+    stray = sorted({cls for _, cls, _ in placed if cls not in classes})
+    if stray:  # checked here, not after reading: a typo in a val/ or test/ folder name fails fast
+        raise ConfigError(f"Class {stray[0]!r} has no folder {root.rstrip('/')}/train/{stray[0]}; add training "
+                          "images for it or remove its other folders.")
+    if len(classes) < 2:
+        where = f"{root.rstrip('/')}/train" if split_dirs else root
+        raise ConfigError(f"Folder {where} has a single class folder ({classes[0]}/); a classifier needs at least "
+                          f"two: {fix} (if {classes[0]}/ holds the class folders, point --root at it).")
     index = {cls: i for i, cls in enumerate(classes)}
     return classes, [(key, index[cls], split) for key, cls, split in placed]
 
@@ -330,6 +383,8 @@ def _draw_splits(
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for label, keys in enumerate(per_class):
         n = len(keys)
+        if n == 0:  # a class without usable images: nothing to split
+            continue
         n_test = int(n * test_fraction + 0.5)
         n_val = int(n * val_fraction + 0.5)
         excess = max(0, n_test + n_val - (n - 1))
@@ -355,6 +410,11 @@ def import_imagefolder(
 
     Two passes over the source: the first checks every image and finds the common size, the
     second streams the bytes into shards, so memory stays bounded by a shard, not the dataset.
+
+    Unusable images are skipped and counted per reason (``skipped_reasons``). A class folder with no
+    usable training image is kept, with a warning, as a class of 0 images (listed in the manifest's
+    ``empty_classes``) so that class indices still follow the folder names; at least two classes
+    must have usable training images.
     """
     _check_name("dataset name", name)
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -372,7 +432,7 @@ def import_imagefolder(
     if not keys:
         raise ConfigError(f"Folder {root} has no .png/.jpg/.jpeg images; point --root at a folder with one "
                           "subfolder of images per class.")
-    classes, entries = _layout(root, keys)
+    classes, entries = _layout(root, keys, _empty_class_dirs(src, keys))
     place = {key: (label, split) for key, label, split in entries}
 
     # pass 1: which images are readable, their sizes and channels
@@ -387,20 +447,25 @@ def import_imagefolder(
         readable.setdefault((split, label), []).append(key)
 
     folder_splits = entries[0][2] is not None
-    for split, label in sorted({(s, lbl) for _, lbl, s in entries}, key=str):
-        if not readable.get((split, label)):
-            folder = "/".join(p for p in (root.rstrip("/"), split, classes[label]) if p)
-            raise ConfigError(f"Class folder {folder} has no readable image; add images to it or remove it.")
+    train_split = "train" if folder_splits else None
+    empty = [cls for label, cls in enumerate(classes) if not readable.get((train_split, label))]
+    if len(classes) - len(empty) < 2:
+        have = [cls for cls in classes if cls not in empty]
+        raise ConfigError(f"Folder {root} has usable training images in {len(have)} class folder(s) "
+                          f"({', '.join(have) or 'none'}; {skips.count} images skipped: {skips.summary() or 'none'});"
+                          " a classifier needs at least two: add readable PNG or JPEG images to the others.")
+    for cls in empty:
+        folder = "/".join(p for p in (root.rstrip("/"), train_split, cls) if p)
+        logger.warning("Class %r has no usable training image in %s; it is kept with 0 images, so no model "
+                       "learns it: add images to the folder or remove it", cls, folder)
+    if skips.count:
+        logger.warning("Dataset %s: skipped %d unusable image(s) (%s)", name, skips.count, skips.summary())
     if folder_splits:
-        for label, cls in enumerate(classes):
-            if not readable.get(("train", label)):
-                raise ConfigError(f"Class {cls!r} has no folder {root.rstrip('/')}/train/{cls}; add training "
-                                  "images for it or remove its other folders.")
         assigned = {s: [(k, lbl) for (sp, lbl), ks in readable.items() if sp == s for k in ks]
                     for s in SPLITS}
         split_info: dict[str, Any] = {"method": "folders"}
     else:
-        per_class = [sorted(readable[(None, label)]) for label in range(len(classes))]
+        per_class = [sorted(readable.get((None, label), [])) for label in range(len(classes))]
         assigned = _draw_splits(per_class, val_fraction, test_fraction, seed)
         split_info = {"method": "stratified", "seed": seed, "val_fraction": val_fraction,
                       "test_fraction": test_fraction}
@@ -421,7 +486,8 @@ def import_imagefolder(
 
     return write_dataset(
         store, name, version, classes, channels, (height, width),
-        {s: rows(assigned[s]) for s in SPLITS}, source=root, skipped=skips.count, extra={"split": split_info},
+        {s: rows(assigned[s]) for s in SPLITS}, source=root, skipped=skips.count, skipped_reasons=skips.reasons,
+        extra={"split": split_info, "empty_classes": empty},
     )
 
 
@@ -459,17 +525,29 @@ def load_split(store: Store, manifest: dict, split: str) -> tuple[np.ndarray, np
 
 
 # -- drops ------------------------------------------------------------------------------------
-def _commit_drop(store: Store, drop_id: str, shards: list[ShardInfo], skipped: int, source: str) -> dict:
+def _reasons_json(skipped: int, reasons: Mapping[str, int] | None) -> dict[str, int]:
+    out = {str(k): int(v) for k, v in sorted((reasons or {}).items()) if v}
+    if sum(out.values()) != skipped:
+        raise ValueError(f"skipped_reasons {out} do not add up to skipped={skipped}")
+    return out
+
+
+def _commit_drop(
+    store: Store, drop_id: str, shards: list[ShardInfo], skipped: int, reasons: Mapping[str, int] | None,
+    source: str,
+) -> dict:
     manifest = {
         "kind": "drop",
         "drop_id": drop_id,
         "shards": [s.to_json() for s in shards],
         "count": sum(s.count for s in shards),
         "skipped": int(skipped),
+        "skipped_reasons": _reasons_json(skipped, reasons),  # {reason: count}, see images.REASONS
         "source": source,
     }
     store.write_json(join(drop_prefix(drop_id), SUCCESS), manifest)
-    logger.info("Wrote drop %s: %d images in %d shard(s)", drop_id, manifest["count"], len(shards))
+    logger.info("Wrote drop %s: %d images in %d shard(s), %d skipped", drop_id, manifest["count"], len(shards),
+                skipped)
     return manifest
 
 
@@ -493,13 +571,14 @@ def write_drop(
     source: str,
     shard_size: int = DEFAULT_SHARD_SIZE,
     skipped: int = 0,
+    skipped_reasons: Mapping[str, int] | None = None,
 ) -> dict:
     """Write one drop from (relative path, encoded bytes) rows: shards, then the manifest last."""
     _check_name("drop id", drop_id)
     shards = _write_drop_shards(store, drop_id, rows, shard_size)
     if not shards:
         raise ConfigError(f"Drop {drop_id!r} from {source} has no images.")
-    return _commit_drop(store, drop_id, shards, skipped, source)
+    return _commit_drop(store, drop_id, shards, skipped, skipped_reasons, source)
 
 
 def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
@@ -518,10 +597,17 @@ def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAU
     loose = ((key, data) for key, data, _ in _readable(src, keys, skips))
     packed = _probed((row for a in archives for row in _archive_images(src, a, skips)), skips)
     shards = _write_drop_shards(store, drop_id, itertools.chain(loose, packed), shard_size)
-    if not shards:
-        raise ConfigError(f"None of the {skips.count} images under {source} is readable; check that they are "
-                          "PNG or JPEG files (loose, in tar shards, or in img2dataset Parquet shards).")
-    return _commit_drop(store, drop_id, shards, skips.count, source)
+    if not shards:  # nothing was written, so no manifest and no debris: the same id can be imported again
+        if not skips.count:
+            raise ConfigError(f"The {len(archives)} shard file(s) under {source} hold no .png/.jpg/.jpeg images; "
+                              "point --source at the folder (or s3:// prefix) that holds the drop's images.")
+        raise ConfigError(f"None of the {skips.count} images under {source} is usable ({skips.summary()}); "
+                          "check that they are complete PNG or JPEG files (loose, in tar shards, or in "
+                          f"img2dataset Parquet shards), then import drop {drop_id!r} again.")
+    if skips.count:
+        logger.warning("Drop %s: kept %d images, skipped %d (%s)", drop_id, sum(s.count for s in shards),
+                       skips.count, skips.summary())
+    return _commit_drop(store, drop_id, shards, skips.count, skips.reasons, source)
 
 
 def list_drops(store: Store) -> list[str]:

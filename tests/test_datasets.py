@@ -53,7 +53,8 @@ def test_stratified_import_splits_per_class_and_skips_corrupt(store: Store, tmp_
     assert m["version"] == "v1" and m["kind"] == "dataset"
     assert m["classes"] == ["bird", "cat", "dog"]  # sorted by folder name
     assert m["channels"] == 3 and m["image_size"] == [8, 8]  # the most common size wins
-    assert m["skipped"] == 1
+    assert m["skipped"] == 1 and m["skipped_reasons"] == {"not an image": 1}
+    assert m["empty_classes"] == []
     s = m["splits"]
     assert s["test"]["class_counts"] == [2, 4, 2]  # round(0.2 * n) per class
     assert s["val"]["class_counts"] == [1, 2, 1]  # round(0.1 * n) per class
@@ -122,7 +123,10 @@ def test_versions_latest_and_no_overwrite(store: Store, tmp_path: Path) -> None:
     [
         ({}, "has no .png/.jpg/.jpeg images"),
         ({"loose.png": b"img"}, "has no class subfolders"),
-        ({"a/x.png": b"img", "b/broken.png": b"garbage"}, r"Class folder .*/b has no readable image"),
+        ({"a/x.png": b"img", "b/broken.png": b"garbage"},
+         r"usable training images in 1 class folder\(s\) \(a; 1 images skipped: 1 not an image\)"),
+        ({"a/x.png": b"img", "a/y.png": b"img"}, r"has a single class folder \(a/\); a classifier needs"),
+        ({"train/a/x.png": b"img", "val/b/y.png": b"img"}, r"Class 'b' has no folder .*/train/b"),
         ({"train/a/x.png": b"img", "cats/y.png": b"img"}, "mixes split folders"),
         ({"val/a/x.png": b"img", "test/a/y.png": b"img"}, "no train/ folder"),
         ({"train/a/x.png": b"img", "test/b/y.png": b"img"}, "Class 'b' has no folder .*/train/b"),
@@ -161,6 +165,7 @@ def test_import_drop_is_unlabeled_idempotent_and_counts_skips(store: Store, tmp_
     m = datasets.import_drop(store, "week-01", str(src), shard_size=2)
 
     assert (m["kind"], m["drop_id"], m["count"], m["skipped"]) == ("drop", "week-01", 6, 1)
+    assert m["skipped_reasons"] == {"truncated": 1}
     assert [s["count"] for s in m["shards"]] == [2, 2, 2]
     assert m["shards"][0]["key"] == "drops/week-01/shards/part-00000.parquet"
     table = pa.concat_tables([store.read_table(s["key"]) for s in m["shards"]])
@@ -181,7 +186,7 @@ def test_import_drop_is_unlabeled_idempotent_and_counts_skips(store: Store, tmp_
 
 def test_drop_errors(store: Store, tmp_path: Path) -> None:
     _write(tmp_path / "junk" / "a.png", b"not an image")
-    with pytest.raises(ConfigError, match="None of the 1 images .* is readable"):
+    with pytest.raises(ConfigError, match=r"None of the 1 images .* is usable \(1 not an image\)"):
         datasets.import_drop(store, "junk", str(tmp_path / "junk"))
     assert datasets.list_drops(store) == []
     with pytest.raises(ConfigError, match="drop id"):
@@ -264,6 +269,7 @@ def test_import_drop_reads_webdataset_tars_and_img2dataset_parquet(tmp_path):
     store = Store.from_uri(f"file://{tmp_path}/store")
     manifest = import_drop(store, "mixed", str(src))
     assert manifest["count"] == 5 and manifest["skipped"] == 2  # the truncated jpg and the failed row
+    assert manifest["skipped_reasons"] == {"no image bytes": 1, "not an image": 1}  # b"truncated" has no header
     ids = store.read_table(manifest["shards"][0]["key"]).column("image_id").to_pylist()
     assert ids == ["mixed/loose/a.png", "mixed/00000.tar/000000000.jpg", "mixed/00000.tar/000000001.jpg",
                    "mixed/00001.parquet/k0", "mixed/00001.parquet/k2"]
