@@ -29,6 +29,9 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semisup", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logs from semisup (the AWS SDK's and urllib3's stay at WARNING: theirs "
+                             "carry request headers, signatures and session tokens)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import-imagefolder", help="import a labeled ImageFolder tree as a dataset version")
@@ -76,7 +79,8 @@ def _params(text: str) -> dict:
     try:
         params = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--params-json is not valid JSON ({exc.msg} at character {exc.pos}).") from None
+        raise ConfigError(f"--params-json is not valid JSON ({exc.msg} at character {exc.pos}); pass a JSON "
+                          "object like '{\"k\": 100}'.") from None
     if not isinstance(params, dict):
         raise ConfigError(f"--params-json must be a JSON object like '{{\"k\": 100}}', got {text!r}.")
     return params
@@ -91,9 +95,32 @@ def _emit(result: dict, result_file: str | None) -> None:
         sys.stdout.flush()
 
 
+#: loggers whose DEBUG (and some INFO) records carry credentials: request headers with the access key
+#: id, the signature and the session token; they never log below WARNING, whatever the level asked
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    for name in ("semisup", "semisup_tasks"):  # our loggers: semisup.stages, semisup_tasks.datasets, ...
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _sentence(exc: Exception) -> str:
+    """One line, one sentence: what went wrong and what to do about it."""
+    if isinstance(exc, OSError):
+        what = f"Cannot use {exc.filename}" if exc.filename else "A file operation failed"
+        text = f"{what} ({exc.strerror or exc}); check that the path exists and that this user may read and write it."
+    else:
+        text = str(exc)
+    return " ".join(text.split())  # a message from a library may span lines; the error is one line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    _configure_logging(args.verbose)
     try:
         store = Store.from_uri(args.store)
         store.check()
@@ -130,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             metrics = load_metrics(store, args.run)
             print(json.dumps(metrics, indent=2, sort_keys=True) if args.format == "json" else render_table(metrics))
     except (ConfigError, StoreError, OSError) as exc:  # OSError: missing or unreadable local files
-        print(f"semisup: error: {exc}", file=sys.stderr)
-        _termination_message(f"semisup: error: {exc}")
+        line = f"semisup: error: {_sentence(exc)}"
+        print(line, file=sys.stderr)
+        _termination_message(line)
         return USER_ERROR
     return 0
 

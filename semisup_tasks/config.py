@@ -8,6 +8,7 @@ must stay cheap (no torch): DAG files import it at parse time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,13 @@ class PipelineParams:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"Unknown parameter(s) {', '.join(unknown)}; known ones are {', '.join(known)}.")
+            lower = {name.lower(): name for name in known}
+            named = []
+            for name in unknown:  # a likely typo gets its correction
+                close = difflib.get_close_matches(name.lower(), lower, n=1, cutoff=0.7)
+                named.append(f"{name} (did you mean {lower[close[0]]}?)" if close else name)
+            raise ConfigError(f"Unknown parameter(s) {', '.join(named)}; remove them or use known ones: "
+                              f"{', '.join(known)}.")
         values = {}
         for name, value in data.items():
             values[name] = _check(name, value, known[name].metadata["schema"])
@@ -94,6 +101,10 @@ class PipelineParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_KINDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+          "array": "a list"}
 
 
 def _check(name: str, value: Any, schema: dict[str, Any]) -> Any:
@@ -104,7 +115,7 @@ def _check(name: str, value: Any, schema: dict[str, Any]) -> Any:
         value = float(value)
     python = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list}[kind]
     if not isinstance(value, python) or (kind in ("integer", "number") and isinstance(value, bool)):
-        raise ConfigError(f"Parameter {name} must be a {kind}, got {value!r}.")
+        raise ConfigError(f"Parameter {name} must be {_KINDS[kind]}, got {value!r}.")
     if "enum" in schema and value not in schema["enum"]:
         raise ConfigError(f"Parameter {name} must be one of {', '.join(schema['enum'])}, got {value!r}.")
     if "minimum" in schema and value < schema["minimum"]:
