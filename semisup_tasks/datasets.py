@@ -327,6 +327,7 @@ def _empty_class_dirs(src: Store, keys: Sequence[str]) -> list[str]:
     with_images = {k.split("/")[1 if split_layout else 0] for k in keys if k.count("/") > int(split_layout)}
     return sorted(d.name for d in base.iterdir()
                   if d.is_dir() and not d.name.startswith(".") and d.name not in with_images
+                  and d.name != "__MACOSX"  # resource forks a macOS zip leaves beside the folders
                   and not (not split_layout and d.name in SPLITS))
 
 

@@ -273,3 +273,21 @@ def test_import_drop_reads_webdataset_tars_and_img2dataset_parquet(tmp_path):
     ids = store.read_table(manifest["shards"][0]["key"]).column("image_id").to_pylist()
     assert ids == ["mixed/loose/a.png", "mixed/00000.tar/000000000.jpg", "mixed/00000.tar/000000001.jpg",
                    "mixed/00001.parquet/k0", "mixed/00001.parquet/k2"]
+
+
+def test_nested_folders_and_junk_in_an_imagefolder(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    _tree(root, {"a": 3, "b": 3})
+    _write(root / "a" / "deep" / "er" / "nested.png", _image_bytes(9))  # nested folders belong to their class
+    _write(root / "b" / "notes.txt", b"ignored")
+    _write(root / "loose.png", _image_bytes(3))  # not in a class folder: ignored with a warning
+    _write(root / "__MACOSX" / "a" / "._000.png", b"resource fork")  # zip debris
+    _write(root / ".git" / "objects" / "x.png", b"hidden")
+    (root / "c").mkdir()  # an empty class folder is a class all the same, with 0 images
+
+    m = datasets.import_imagefolder(store, "junk", str(root), val_fraction=0, test_fraction=0)
+
+    assert m["classes"] == ["a", "b", "c"] and m["empty_classes"] == ["c"]
+    assert m["splits"]["train"]["class_counts"] == [4, 3, 0]
+    assert m["skipped"] == 0 and m["skipped_reasons"] == {}
+    assert "a/deep/er/nested.png" in datasets.load_split(store, m, "train")[2]
