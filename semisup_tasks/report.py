@@ -33,6 +33,8 @@ COMPARISON_HEADER = ["model", "arch", "top-1", "top-5", "balanced acc", "tail re
                      "val top-1"]
 _COMPARISON_FIELDS = ("top1", "top5", "balanced_accuracy", "tail_recall", "head_recall", "val_top1")
 MISSING = "-"
+DROP_HEADER = ["drop", "images kept", "skipped", "skipped because"]
+MAX_DROP_ROWS = 50  # a run may pool thousands of drops: list the first ones, total them all
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows, align) | ("img", file, alt) | ("list", items)
 
@@ -203,10 +205,59 @@ def dataset_line(metrics: dict) -> str:
     return text + ") · drops: " + (", ".join(map(str, drops)) if drops else "none")
 
 
+def fmt_reasons(reasons: Any) -> str:
+    """{reason: count} as '3 truncated, 1 not an image', most frequent first."""
+    if not isinstance(reasons, dict):
+        return MISSING
+    items = sorted(((r, n) for r, n in reasons.items() if isinstance(n, int) and n), key=lambda rn: (-rn[1], rn[0]))
+    return ", ".join(f"{n:,} {r}" for r, n in items)
+
+
+def _drop_details(metrics: dict) -> list[dict]:
+    # absent in runs evaluated before drops recorded their skipped images
+    return [d for d in _seq(metrics.get("drop_details")) if isinstance(d, dict)]
+
+
+def _drop_total(details: list[dict]) -> tuple[int | None, int | None, dict[str, int]]:
+    def total(field: str) -> int | None:
+        values = [d.get(field) for d in details]
+        return sum(values) if all(isinstance(v, int) for v in values) else None
+
+    reasons: dict[str, int] = {}
+    for d in details:
+        given = d.get("skipped_reasons")
+        for r, n in (given.items() if isinstance(given, dict) else ()):
+            if isinstance(n, int):
+                reasons[r] = reasons.get(r, 0) + n
+    return total("images"), total("skipped"), reasons
+
+
+def drop_rows(metrics: dict) -> list[list[str]]:
+    """Per drop: images kept, images skipped and why; a total row when there are several drops."""
+    details = _drop_details(metrics)
+    rows = [[str(d.get("drop_id") or MISSING), fmt_int(d.get("images")), fmt_int(d.get("skipped")),
+             fmt_reasons(d.get("skipped_reasons"))] for d in details[:MAX_DROP_ROWS]]
+    if len(details) > MAX_DROP_ROWS:
+        rows.append([f"… {len(details) - MAX_DROP_ROWS:,} more", "", "", ""])
+    if len(details) > 1:
+        images, skipped, reasons = _drop_total(details)
+        rows.append([f"all {len(details):,} drops", fmt_int(images), fmt_int(skipped), fmt_reasons(reasons)])
+    return rows
+
+
+def drops_line(metrics: dict) -> str | None:
+    details = _drop_details(metrics)
+    if not details:
+        return None
+    images, skipped, reasons = _drop_total(details)
+    line = f"drops: {fmt_int(images)} images kept, {fmt_int(skipped)} skipped"
+    return line + (f" ({fmt_reasons(reasons)})" if reasons else "")
+
+
 def report_blocks(metrics: dict) -> list[Block]:
     """The report's content, renderer-independent."""
     run_id = metrics.get("run_id") or MISSING
-    text_align = {"model", "arch", "class", "tail", "parameter", "value", "item"}
+    text_align = {"model", "arch", "class", "tail", "parameter", "value", "item", "drop", "skipped because"}
     blocks: list[Block] = [
         ("h1", f"semisup run {run_id}"),
         ("p", dataset_line(metrics) + f" · finished {metrics.get('finished_at') or MISSING}"),
@@ -220,6 +271,10 @@ def report_blocks(metrics: dict) -> list[Block]:
     items = selection_items(metrics)
     if items:
         blocks += [("h2", "Selection"), ("table", ["item", "value"], [list(i) for i in items], ["l", "r"])]
+    rows = drop_rows(metrics)
+    if rows:
+        blocks += [("h2", "Drops (unlabeled images)"),
+                   ("table", DROP_HEADER, rows, ["l" if h in text_align else "r" for h in DROP_HEADER])]
     header, rows = per_class_rows(metrics)
     if rows:
         blocks += [("h2", "Per class"),
@@ -322,6 +377,9 @@ def render_table(metrics: dict) -> str:
              _text_table(COMPARISON_HEADER, comparison_rows(metrics), align), ""]
     parts += comparison_lines(metrics)
     parts.append(selection_line(metrics))
+    line = drops_line(metrics)
+    if line:
+        parts.append(line)
     return "\n".join(parts)
 
 

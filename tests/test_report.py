@@ -202,3 +202,48 @@ def test_cli_report_prints_table(store, metrics, capsys):
     out = capsys.readouterr().out
     assert "student_pretrained" in out and "closes 60%" in out
     assert main(["report", "--store", store.uri, "--run", "missing"]) == 2
+
+
+DROP_DETAILS = [
+    {"drop_id": "drop-001", "images": 12000, "skipped": 3, "skipped_reasons": {"not an image": 1, "truncated": 2}},
+    {"drop_id": "drop-002", "images": 9500, "skipped": 0, "skipped_reasons": {}},
+]
+
+
+def test_drops_section_shows_kept_and_skipped_images_per_drop(store, metrics):
+    metrics["drop_details"] = DROP_DETAILS
+    report.write_report(store, "run-a", metrics)
+    md = store.read_bytes("runs/run-a/evaluate/report.md").decode()
+    assert "## Drops (unlabeled images)" in md
+    assert "| drop | images kept | skipped | skipped because |" in md
+    assert "| drop-001 | 12,000 | 3 | 2 truncated, 1 not an image |" in md  # most frequent reason first
+    assert "| drop-002 | 9,500 | 0 |  |" in md
+    assert "| all 2 drops | 21,500 | 3 | 2 truncated, 1 not an image |" in md
+    assert md.index("## Drops") < md.index("## Per class")
+    page = store.read_bytes("runs/run-a/evaluate/report.html").decode()
+    assert "<td class=\"l\">2 truncated, 1 not an image</td>" in page
+    assert "drops: 21,500 images kept, 3 skipped (2 truncated, 1 not an image)" in report.render_table(metrics)
+
+
+def test_drops_section_absent_for_older_runs_and_tolerant_of_odd_entries(store, metrics):
+    report.write_report(store, "run-a", metrics)  # no drop_details key: evaluated before it existed
+    md = store.read_bytes("runs/run-a/evaluate/report.md").decode()
+    assert "## Drops" not in md
+    assert not any(line.startswith("drops:") for line in report.render_table(metrics).splitlines())
+
+    metrics["drop_details"] = [{"drop_id": "d1", "images": 5, "skipped": None, "skipped_reasons": None},
+                               "not a dict", {"drop_id": "d2", "images": 7, "skipped": 1,
+                                              "skipped_reasons": ["truncated"]}]
+    md = report.render_markdown(metrics)
+    assert "| d1 | 5 | - | - |" in md and "| d2 | 7 | 1 | - |" in md
+    assert "| all 2 drops | 12 | - |  |" in md  # a total over unknowns is unknown, not a wrong number
+
+
+def test_drops_section_lists_the_first_drops_and_totals_them_all(metrics):
+    n = report.MAX_DROP_ROWS + 7
+    metrics["drop_details"] = [{"drop_id": f"d{i:03d}", "images": 10, "skipped": 1,
+                                "skipped_reasons": {"empty file": 1}} for i in range(n)]
+    rows = report.drop_rows(metrics)
+    assert len(rows) == report.MAX_DROP_ROWS + 2
+    assert rows[-2][0] == "… 7 more"
+    assert rows[-1] == [f"all {n} drops", f"{10 * n}", f"{n}", f"{n} empty file"]
