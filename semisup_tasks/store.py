@@ -181,17 +181,36 @@ class FileStore(Store):
 
 
 
+# Retries for flaky storage, all in one place and all done by the AWS libraries (no loops here).
+# - Every S3 request: botocore's "standard" mode retries 500/502/503/504, throttling (503 SlowDown)
+#   and connection errors (refused, reset, timeouts) with exponential backoff and jitter (50 ms
+#   base, 1 s for throttling, at most 20 s), up to total_max_attempts tries in all.
+# - A GET's body is streamed after that retried call has returned, so a reset mid-body escapes
+#   botocore; s3transfer (download_fileobj) retries the GET on those errors (socket errors, read
+#   timeouts, IncompleteRead, ResponseStreamingError), up to num_download_attempts.
+# - check() uses few attempts and short timeouts: an unreachable store ends in one sentence within
+#   seconds, where the stage client (10 tries, 10 s to connect, 120 s to read) could take minutes.
+_RETRY_ATTEMPTS = 10
+_CLIENT_CONFIG = {"retries": {"total_max_attempts": _RETRY_ATTEMPTS, "mode": "standard"},
+                  "connect_timeout": 10, "read_timeout": 120}
+_CHECK_CONFIG = {"retries": {"total_max_attempts": 4, "mode": "standard"}, "connect_timeout": 2, "read_timeout": 3}
+_DOWNLOAD_ATTEMPTS = _RETRY_ATTEMPTS
+
+
 class S3Store(Store):
+    # S3's maximum; a test lowers it to page through a listing under faults
+    list_page_size = 1000
+
     def __init__(self, bucket: str, prefix: str):
         import boto3
+        from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
-        # botocore's standard retry mode backs off on throttling (503 SlowDown), 5xx and resets
-        config = Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=10, read_timeout=120)
-        self._client = boto3.client("s3", config=config)
+        self._client = boto3.client("s3", config=Config(**_CLIENT_CONFIG))
+        self._download = TransferConfig(num_download_attempts=_DOWNLOAD_ATTEMPTS)
 
     def _key(self, key: str) -> str:
         return join(self.prefix, clean_key(key)) if self.prefix else clean_key(key)
@@ -201,14 +220,21 @@ class S3Store(Store):
                           "AWS_ENDPOINT_URL and the AWS credentials.")
 
     def check(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client("s3", config=Config(**_CHECK_CONFIG))
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            client.head_bucket(Bucket=self.bucket)
         except Exception as exc:  # botocore raises many unrelated types here
             raise self._fail(f"reach bucket {self.bucket!r}", exc) from None
+        finally:
+            client.close()
 
     def _call(self, what: str, fn, **kwargs):
         """One S3 call; errors the user can fix become one StoreError sentence (retries are botocore's)."""
         from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
@@ -216,14 +242,19 @@ class S3Store(Store):
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 raise FileNotFoundError(what) from None
             raise self._fail(what, exc) from None
-        except BotoCoreError as exc:
+        except (BotoCoreError, RetriesExceededError, S3DownloadFailedError) as exc:
             raise self._fail(what, exc) from None
 
     def read_bytes(self, key: str) -> bytes:
+        # download_fileobj, not get_object: only s3transfer retries a GET whose body breaks off. Its
+        # HEAD first (for the size) costs one round trip per read: +15% on the tiny pipeline on moto.
+        buf = io.BytesIO()
         try:
-            return self._call(f"read {self.url(key)}", self._client.get_object, Key=self._key(key))["Body"].read()
+            self._call(f"read {self.url(key)}", self._client.download_fileobj, Key=self._key(key), Fileobj=buf,
+                       Config=self._download)
         except FileNotFoundError:
             raise StoreError(f"{self.url(key)} does not exist.") from None
+        return buf.getvalue()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # a single PUT is atomic on S3: readers see the old object or the new one
@@ -240,7 +271,8 @@ class S3Store(Store):
         full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = self._call(f"list {self.uri}/{prefix}", paginator.paginate, Prefix=full)
+        pages = self._call(f"list {self.uri}/{prefix}", paginator.paginate, Prefix=full,
+                           PaginationConfig={"PageSize": self.list_page_size})
         keys = []
         try:
             for page in pages:

@@ -6,6 +6,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from flaky_s3 import FlakyS3Proxy
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,16 @@ def s3_server(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     reset = urllib.request.Request(f"{_moto_endpoint}/moto-api/reset", method="POST")
     urllib.request.urlopen(reset, timeout=10).close()
     yield _moto_endpoint
+
+
+@pytest.fixture
+def flaky_s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlakyS3Proxy]:
+    """The S3 server behind a proxy that fails about 5% of requests (500, 503 SlowDown, connection
+    resets, resets mid-body), with AWS_ENDPOINT_URL pointing at the proxy. A real TCP server, so
+    subprocesses reach it too; ``flaky_s3.counts`` says which faults it injected."""
+    with FlakyS3Proxy(s3_server, fault_rate=0.05, seed=6) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
 
 
 _EXIT_STATUS: dict[str, int] = {}
