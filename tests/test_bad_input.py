@@ -23,6 +23,7 @@ from semisup_tasks import datasets
 from semisup_tasks.images import encode_png
 from semisup_tasks.store import Store
 
+REPO = Path(__file__).resolve().parents[1]
 USER_ERROR = 2  # semisup_tasks.cli.USER_ERROR; literal here so a change to it is a deliberate one
 CLASSES = ["left", "middle", "right"]
 RUN_PARAMS = {"dataset": "tiny", "teacher_arch": "cnn_small", "teacher_epochs": 1, "pretrain_epochs": 1,
@@ -76,7 +77,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def semisup(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "semisup_tasks", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1])
+                          timeout=120, env={**os.environ, **(env or {})}, cwd=REPO)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -199,7 +200,7 @@ def test_a_read_only_store_is_refused_before_training(store_root, tmp_path):
     argv = [sys.executable, "-m", "semisup_tasks", "stage", "train-teacher", "--store", f"file://{root}",
             "--run-id", "r1", "--params-json", params()]
     try:
-        proc = subprocess.run(_read_only(root, argv), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(_read_only(root, argv), capture_output=True, text=True, timeout=120, cwd=REPO)
     finally:
         for p in [root, *root.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
