@@ -283,6 +283,7 @@ def write_dataset(
         raise ConfigError(f"Unknown split(s) {', '.join(unknown)}; a dataset has {', '.join(SPLITS)}.")
     if channels not in (1, 3) or len(image_size) != 2 or min(image_size) < 1:
         raise ConfigError(f"Dataset {name!r} needs channels 1 or 3 and a [height, width] image size.")
+    reasons = _reasons_json(skipped, skipped_reasons)  # checked before anything is written
     prefix = dataset_prefix(name, version)
     if store.exists(join(prefix, SUCCESS)):
         raise ConfigError(f"Dataset {name!r} version {version} already exists in {store.uri}; "
@@ -305,7 +306,7 @@ def write_dataset(
         "image_size": [int(image_size[0]), int(image_size[1])],
         "splits": out,
         "skipped": int(skipped),
-        "skipped_reasons": _reasons_json(skipped, skipped_reasons),
+        "skipped_reasons": reasons,
         "source": source,
         **dict(extra or {}),
     }
@@ -527,7 +528,9 @@ def load_split(store: Store, manifest: dict, split: str) -> tuple[np.ndarray, np
 
 # -- drops ------------------------------------------------------------------------------------
 def _reasons_json(skipped: int, reasons: Mapping[str, int] | None) -> dict[str, int]:
-    out = {str(k): int(v) for k, v in sorted((reasons or {}).items()) if v}
+    if reasons is None:  # a caller that counted skips without reasons (write_drop(skipped=n))
+        reasons = {"unspecified": skipped}
+    out = {str(k): int(v) for k, v in sorted(reasons.items()) if v}
     if sum(out.values()) != skipped:
         raise ValueError(f"skipped_reasons {out} do not add up to skipped={skipped}")
     return out
@@ -576,10 +579,11 @@ def write_drop(
 ) -> dict:
     """Write one drop from (relative path, encoded bytes) rows: shards, then the manifest last."""
     _check_name("drop id", drop_id)
+    reasons = _reasons_json(skipped, skipped_reasons)  # checked before anything is written
     shards = _write_drop_shards(store, drop_id, rows, shard_size)
     if not shards:
         raise ConfigError(f"Drop {drop_id!r} from {source} has no images.")
-    return _commit_drop(store, drop_id, shards, skipped, skipped_reasons, source)
+    return _commit_drop(store, drop_id, shards, skipped, reasons, source)
 
 
 def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:

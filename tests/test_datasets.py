@@ -176,6 +176,13 @@ def test_import_drop_is_unlabeled_idempotent_and_counts_skips(store: Store, tmp_
          "week-01/deep/er/img1.PNG", "week-01/deep/er/img3.PNG"]
     )
     assert datasets.list_drops(store) == ["week-01"]
+    other = datasets.write_drop(store, "written", [("a.png", _image_bytes(1))], source="test", skipped=2)
+    assert other["skipped_reasons"] == {"unspecified": 2}
+    with pytest.raises(ValueError, match="do not add up"):
+        datasets.write_drop(store, "wrong", [("a.png", _image_bytes(1))], source="test", skipped=2,
+                            skipped_reasons={"truncated": 1})
+    assert store.list("drops/wrong") == []  # refused before any shard was written
+    store.delete_prefix("drops/written")
     assert datasets.load_drop_manifest(store, "week-01") == m
 
     # importing the same drop id again does nothing, even when the source is gone
