@@ -78,6 +78,9 @@ class PipelineParams:
     augment: str = _p("affine", "Augmentation: none, affine (shift/scale/rotate), or affine+flip for "
                                 "natural images.", "Training", type="string", enum=["none", "affine", "affine+flip"])
     balanced_sampling: bool = _p(False, "Sample labeled classes equally often.", "Training", type="boolean")
+    checkpoint_every_steps: int = _p(500, "Save the whole training state to the store every this many steps (and "
+                                          "after every epoch): a retried training task resumes from it.",
+                                     "Training", type="integer", minimum=1)
     seed: int = _p(0, "Seed for every random choice; the same seed gives the same numbers on CPU.", "Training",
                    type="integer", minimum=0)
 

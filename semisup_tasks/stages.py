@@ -131,12 +131,23 @@ def _new_model(arch: str, ds: dict, recipe):
     return build_model(arch, ds["channels"], len(ds["classes"]), tuple(ds["image_size"]))
 
 
-def _train_new(arch: str, ds: dict, x: np.ndarray, y: np.ndarray, recipe, name: str):
-    """A new model trained on in-memory (x, y)."""
+def _train_new(ctx: RunContext, stage_dir: str, arch: str, ds: dict, x: np.ndarray, y: np.ndarray, recipe,
+               name: str):
+    """A new model trained on in-memory (x, y), resuming from its checkpoint."""
     from .train import train
 
     model = _new_model(arch, ds, recipe)
-    return model, train(model, x, y, recipe, name=name)
+    return model, train(model, x, y, recipe, name=name, checkpoints=_checkpoints(ctx, stage_dir, name))
+
+
+def _checkpoints(ctx: RunContext, stage_dir: str, name: str):
+    """Where training ``name`` keeps its latest state: ``<stage dir>/checkpoints/<name>.pt``, tagged with
+    the run's params and code so another run's or other params' state is never resumed."""
+    from .checkpoints import StoreCheckpoints
+
+    return StoreCheckpoints(ctx.store, ctx.key(stage_dir, "checkpoints", f"{name}.pt"),
+                            tag=_digest([ctx.run_id, ctx.fingerprint(), name]),
+                            every_steps=ctx.params.checkpoint_every_steps)
 
 
 def _images_and_labels(store: Store, rows: pa.Table, label_column: str, ds: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -247,8 +258,9 @@ def train_labeled(ctx: RunContext, stage: str) -> dict:
     ds = ctx.dataset()
     arch = ctx.params.teacher_arch if stage == "train-teacher" else ctx.params.student_arch
     x, y, _ = datasets.load_split(ctx.store, ds, "train")
-    model, summary = _train_new(arch, ds, x, y, _recipe(ctx.params, stage), MODEL_STAGES[stage])
-    return _save_model(ctx, MODEL_STAGES[stage], model, arch, ds, summary)
+    name = MODEL_STAGES[stage]
+    model, summary = _train_new(ctx, name, arch, ds, x, y, _recipe(ctx.params, stage), name)
+    return _save_model(ctx, name, model, arch, ds, summary)
 
 
 def _score_shards(ctx: RunContext, shards: list[str], score_keys: dict[str, str]) -> dict:
@@ -485,7 +497,8 @@ def pretrain_student(ctx: RunContext) -> dict:
     recipe = _recipe(ctx.params, "pretrain-student")
     arch = ctx.params.student_arch
     model = _new_model(arch, ds, recipe)
-    summary = train_stream(model, ShardStream(ctx.store, ctx.key("trainset")), recipe, name="student_pretrained")
+    summary = train_stream(model, ShardStream(ctx.store, ctx.key("trainset")), recipe, name="student_pretrained",
+                           checkpoints=_checkpoints(ctx, "student_pretrained", "student_pretrained"))
     return _save_model(ctx, "student_pretrained", model, arch, ds, summary)
 
 
@@ -495,7 +508,8 @@ def finetune_student(ctx: RunContext) -> dict:
     ds = ctx.dataset()
     model = _load_model(ctx, "student_pretrained")
     x, y, _ = datasets.load_split(ctx.store, ds, "train")
-    summary = train(model, x, y, _recipe(ctx.params, "finetune-student"), name="student")
+    summary = train(model, x, y, _recipe(ctx.params, "finetune-student"), name="student",
+                    checkpoints=_checkpoints(ctx, "student", "student"))
     return _save_model(ctx, "student", model, ctx.params.student_arch, ds, summary)
 
 
@@ -512,9 +526,10 @@ def train_oracle(ctx: RunContext) -> dict:
     pool = pool.filter(pc.greater_equal(pool.column("label"), 0)).sort_by("image_id")  # drop distractors
     x, y = _images_and_labels(ctx.store, pool, "label", ds)
     arch = ctx.params.student_arch
-    model, pre = _train_new(arch, ds, x, y, _recipe(ctx.params, "oracle-pretrain"), "oracle_pretrain")
+    model, pre = _train_new(ctx, "oracle", arch, ds, x, y, _recipe(ctx.params, "oracle-pretrain"), "oracle_pretrain")
     lx, ly, _ = datasets.load_split(ctx.store, ds, "train")
-    fine = train(model, lx, ly, _recipe(ctx.params, "oracle-finetune"), name="oracle")
+    fine = train(model, lx, ly, _recipe(ctx.params, "oracle-finetune"), name="oracle",
+                 checkpoints=_checkpoints(ctx, "oracle", "oracle"))
     return _save_model(ctx, "oracle", model, arch, ds, {"pretrain": pre, "finetune": fine})
 
 
@@ -529,6 +544,11 @@ def evaluate_stage(ctx: RunContext) -> dict:
     train_counts = ds["splits"]["train"]["class_counts"]
     tail = tail_classes(train_counts)
     test_x, test_y, _ = datasets.load_split(ctx.store, ds, "test")
+    drop_details = []  # per drop: images kept and skipped (corrupt, truncated, too large) with the reasons
+    for drop_id in plan_["drops"]:
+        dm = datasets.load_drop_manifest(ctx.store, drop_id)
+        drop_details.append({"drop_id": drop_id, "images": dm["count"], "skipped": dm.get("skipped", 0),
+                             "skipped_reasons": dm.get("skipped_reasons", {})})
     models = {}
     for name in MODEL_STAGES.values():
         trained = ctx.committed(name)
@@ -548,6 +568,7 @@ def evaluate_stage(ctx: RunContext) -> dict:
         "dataset": {"name": ds["name"], "version": ds["version"], "classes": ds["classes"],
                     "train_class_counts": train_counts, "tail_classes": tail},
         "drops": plan_["drops"],
+        "drop_details": drop_details,
         "models": models,
         "selection": selection_stats,
         "params": ctx.params.to_dict(),
@@ -632,7 +653,10 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
         log.info("%s already done for run %s with these params; skipping", name, run_id)
         return done
     log.info("running %s for run %s", name, run_id)
-    return ctx.commit(stage_dir, fingerprint, STAGES[name](ctx), started)
+    result = ctx.commit(stage_dir, fingerprint, STAGES[name](ctx), started)
+    if name in TRAINING_STAGES and is_main():  # the model is committed: its resume points are spent
+        store.delete_prefix(ctx.key(stage_dir, "checkpoints"))
+    return result
 
 
 def run_pipeline(store: Store, run_id: str, params: dict) -> dict:

@@ -53,7 +53,16 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator, part: slice 
     """
     if kind == "none":
         return x
-    n = x.shape[0] if total is None else total
+    theta = _affine_draws(x.shape[0] if total is None else total, kind, gen)
+    if part is not None:
+        theta = theta[part]
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    # zero padding of (x - BLACK), shifted back: the background is black
+    return F.grid_sample(x - BLACK, grid, align_corners=False, padding_mode="zeros") + BLACK
+
+
+def _affine_draws(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """The random affine matrices of a batch of ``n``: every draw augmentation takes from ``gen``."""
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
     scale = 0.9 + torch.rand(n, generator=gen) * 0.2
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.2
@@ -61,13 +70,8 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator, part: slice 
     if kind == "affine+flip":
         flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    if part is not None:
-        theta = theta[part]
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    # zero padding of (x - BLACK), shifted back: the background is black
-    return F.grid_sample(x - BLACK, grid, align_corners=False, padding_mode="zeros") + BLACK
+    return torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                        torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -118,28 +122,60 @@ class ArraySource:
             yield self.x[idx], self.y[idx]
 
 
-def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: Recipe, name: str = "model") -> dict:
+def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: Recipe, name: str = "model",
+          checkpoints: Checkpoints | None = None) -> dict:
     """Train in place on uint8 NxCxHxW images with int labels; returns a small training summary."""
     if len(images) == 0:
         raise ValueError(f"{name}: no training images")
-    return _fit(model, ArraySource(images, labels, recipe.balanced_sampling), recipe, name)
+    return _fit(model, ArraySource(images, labels, recipe.balanced_sampling), recipe, name, checkpoints)
 
 
-def train_stream(model: nn.Module, source: BatchSource, recipe: Recipe, name: str = "model") -> dict:
+def train_stream(model: nn.Module, source: BatchSource, recipe: Recipe, name: str = "model",
+                 checkpoints: Checkpoints | None = None) -> dict:
     """Train in place from a batch source such as :class:`semisup_tasks.trainshards.ShardStream`."""
     if recipe.balanced_sampling and not isinstance(source, ArraySource):
         raise ValueError(f"{name}: balanced sampling needs in-memory images; train from arrays or set "
                          "balanced_sampling to false.")
     if len(source) == 0:
         raise ValueError(f"{name}: no training images")
-    return _fit(model, source, recipe, name)
+    return _fit(model, source, recipe, name, checkpoints)
 
 
-def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> dict:
+class Checkpoints(Protocol):
+    """Where the loop keeps its latest state (see :class:`semisup_tasks.checkpoints.StoreCheckpoints`)."""
+
+    every_steps: int
+
+    def load(self, shape: str) -> dict | None: ...
+
+    def save(self, state: dict, shape: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+def _rng_states(device: torch.device) -> dict:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str,
+         checkpoints: Checkpoints | None = None) -> dict:
     """The one training loop; the order of draws from the seeded generator is the same for every source.
 
     Under torchrun every process draws the same global batches and trains on its stride of each
     (see :mod:`semisup_tasks.distributed`): the result follows the one-process run.
+
+    With ``checkpoints``, the whole state is saved every ``every_steps`` steps and after every epoch,
+    and a saved state is resumed: the epoch's batches before it are drawn again (without training)
+    so the generator continues exactly where it was, and the result equals an uninterrupted run.
     """
     distributed.init_from_env()
     torch.manual_seed(recipe.seed)
@@ -165,12 +201,52 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
                               weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(recipe.warmup_epochs * steps_per_epoch)))
+    shape = f"rows={n} epochs={recipe.epochs} batch={recipe.batch_size} processes={world}"
+    losses: list[float] = []
+    first_epoch, resume_batch, step, resumed_loss = 0, 0, 0, 0.0
+    saved = checkpoints.load(shape) if checkpoints is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["epoch_generator"])
+        first_epoch, resume_batch, step = saved["epoch"], saved["batch"], saved["step"]
+        losses = list(saved["losses"])
+        resumed_loss = saved["processes"][rank]["epoch_loss"]
+        _set_rng_states(saved["processes"][rank]["rng"], device)
+        if rank == 0:
+            log.info("%s: resuming at step %d of %d (epoch %d, batch %d)", name, step, total, first_epoch + 1,
+                     resume_batch)
+
+    def save(epoch: int, batch: int, epoch_generator: torch.Tensor, epoch_loss: float) -> None:
+        mine = {"rng": _rng_states(device), "epoch_loss": epoch_loss}
+        processes = [mine]
+        if world > 1:  # every process's RNG states, gathered to rank 0
+            processes = [None] * world
+            torch.distributed.all_gather_object(processes, mine)
+        if rank == 0:
+            checkpoints.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "epoch_generator": epoch_generator,
+                              "generator": gen.get_state(), "epoch": epoch, "batch": batch, "step": step,
+                              "losses": losses, "processes": processes}, shape)
+
     model.train()
-    losses = []
-    for epoch in range(recipe.epochs):
+    for epoch in range(first_epoch, recipe.epochs):
+        epoch_generator = gen.get_state()  # what a resume within this epoch starts the epoch's draws from
         epoch_loss = torch.zeros(1, dtype=torch.float64, device=device)  # the sum of per-sample losses
-        for x_u8, y in source.batches(recipe.batch_size, gen):
+        replay = resume_batch if epoch == first_epoch else 0
+        if replay:
+            epoch_loss += resumed_loss
+        for batch, (x_u8, y) in enumerate(source.batches(recipe.batch_size, gen)):
             if len(y) < max(2, world) and n >= 2:  # BatchNorm needs two samples, every process one
+                continue
+            if batch < replay:  # trained before the resume: only the draws, to move gen on
+                if recipe.augment != "none":
+                    _affine_draws(len(y), recipe.augment, gen)
+                if batch + 1 == replay and not torch.equal(gen.get_state(), saved["generator"]):
+                    checkpoints.clear()
+                    raise RuntimeError(f"{name}: the checkpoint does not match this training's batches; it was "
+                                       "deleted, so a retry starts over")
                 continue
             x_u8, y = x_u8.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if world > 1:  # this process's stride of the global batch
@@ -190,12 +266,17 @@ def _fit(model: nn.Module, source: BatchSource, recipe: Recipe, name: str) -> di
             loss.backward()
             opt.step()
             sched.step()
+            step += 1
             epoch_loss += loss.item() * (size / world if world > 1 else len(y))
+            if checkpoints is not None and step % checkpoints.every_steps == 0 and batch + 1 < steps_per_epoch:
+                save(epoch, batch + 1, epoch_generator, float(epoch_loss))
         if world > 1:
             torch.distributed.all_reduce(epoch_loss)
         losses.append(float(epoch_loss) / n)
         if rank == 0:
             log.info("%s epoch %d/%d loss %.4f", name, epoch + 1, recipe.epochs, losses[-1])
+        if checkpoints is not None:
+            save(epoch + 1, 0, gen.get_state(), 0.0)
     summary = {"epochs": recipe.epochs, "steps": total, "images": n, "final_loss": losses[-1]}
     return {**summary, "processes": world} if world > 1 else summary
 
