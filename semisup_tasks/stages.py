@@ -293,9 +293,13 @@ def score(ctx: RunContext, shards: list[str], group: int | None) -> dict:
     result["skipped_shards"] = len(shards) - len(todo)
     if group is not None:
         score_keys = [keys[s] for s in shards]
-        hist = histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in score_keys)
-        ctx.store.write_table(_histogram_key(ctx, score_keys), hist)
-        result["histogram_cells"] = hist.num_rows
+        hist_key = _histogram_key(ctx, score_keys)
+        if ctx.store.exists(hist_key):  # written whole by an earlier attempt over the same score files
+            result["histogram_cells"] = ctx.store.read_table(hist_key).num_rows
+        else:
+            hist = histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in score_keys)
+            ctx.store.write_table(hist_key, hist)
+            result["histogram_cells"] = hist.num_rows
     return result
 
 
@@ -401,13 +405,16 @@ def filter_candidates(ctx: RunContext, group: int) -> dict:
     from .select import keep_candidates
 
     cut = _thresholds(ctx)
+    key = _candidates_key(ctx, cut, group)
+    if ctx.store.exists(key):  # written whole by an earlier attempt with the same thresholds: a no-op
+        return {"candidates": ctx.store.url(key), "rows": ctx.store.read_table(key, columns=["cls"]).num_rows}
     shards = ctx.shard_groups()[group]
     keys = list(_score_keys(ctx, shards, cut["scores"]).values())
     _missing(ctx, keys, "score", "score tasks")
     parts = [keep_candidates(ctx.store.read_table(k), cut["threshold_bin"]) for k in keys]
     candidates = pa.concat_tables(parts)
-    ctx.store.write_table(_candidates_key(ctx, cut, group), candidates)
-    return {"candidates": ctx.store.url(_candidates_key(ctx, cut, group)), "rows": candidates.num_rows}
+    ctx.store.write_table(key, candidates)
+    return {"candidates": ctx.store.url(key), "rows": candidates.num_rows}
 
 
 def select_stage(ctx: RunContext) -> dict:
