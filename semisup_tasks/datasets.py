@@ -105,6 +105,9 @@ def _next_version(committed: Sequence[str]) -> str:
 # -- reading a source tree (local folder or s3:// prefix) -------------------------------------
 def _open_source(root: str) -> Store:
     src = Store.from_uri(root)
+    if isinstance(src, FileStore) and src.root.exists() and not src.root.is_dir():
+        raise ConfigError(f"{root} is a file, not a folder; pass the folder that holds the images (or an "
+                          "s3://bucket/prefix).")
     if isinstance(src, FileStore) and not src.root.is_dir():
         raise ConfigError(f"Folder {root} does not exist; pass an existing local folder or an s3://bucket/prefix.")
     src.check()  # an unreachable bucket fails here with one sentence, not deep inside a listing

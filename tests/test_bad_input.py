@@ -238,9 +238,7 @@ IMPORT_CASES = [
 ]
 XFAIL_IMPORT_CASES = [
     pytest.param(["import-imagefolder", "--name", "new", "--root", "{base}/a-file.png"],
-                 ["{base}/a-file.png", "not a folder"], id="imagefolder-root-is-a-file",
-                 marks=pytest.mark.xfail(strict=True, reason="_open_source says a file 'does not exist'; "
-                                         "fix belongs in semisup_tasks/datasets.py _open_source")),
+                 ["{base}/a-file.png", "not a folder"], id="imagefolder-root-is-a-file"),
 ]
 
 
