@@ -426,7 +426,14 @@ def select_stage(ctx: RunContext) -> dict:
     ds = ctx.dataset()
     num_classes = len(ds["classes"])
     selection, counts = select((ctx.store.read_table(k) for k in keys), ctx.params.k)
+    untaught = [c for c, n in enumerate(ds["splits"]["train"]["class_counts"]) if n == 0]
+    if untaught:  # the teacher never saw an example: its top picks there are noise the student would learn
+        taught = pc.invert(pc.is_in(selection.column("cls"), pa.array(untaught, selection.column("cls").type)))
+        selection = selection.filter(taught)
+        log.warning("classes %s have no labeled training image: none of their pseudo-labels is kept",
+                    ", ".join(ds["classes"][c] for c in untaught))
     stats = selection_stats(selection, num_classes, ctx.params.k)
+    stats["untaught_classes"] = untaught
     rows = sum(cut["rows"])
     stats.update(p=ctx.params.p, rows_scored=rows, images_scored=rows // ctx.params.p,
                  candidates=counts["rows_scored"], candidates_per_class=cut["candidates"],

@@ -393,5 +393,9 @@ def test_classes_without_usable_images_are_kept_and_a_whole_run_handles_them(
     for model in metrics["models"].values():
         assert model["per_class_recall"][:2] == [None, None]  # no test image: no recall, not NaN
         assert model["top1"] is not None
+    # the teacher never saw 'broken' or 'empty': none of its picks for them reaches the student
+    picked = store.read_table("runs/r1/select/selection.parquet").column("cls").to_pylist()
+    assert picked and not {0, 1} & set(picked)
+    assert metrics["selection"]["untaught_classes"] == [0, 1] and metrics["selection"]["shortfall"][:2] == [4, 4]
     md = store.read_bytes("runs/r1/evaluate/report.md").decode()
     assert "| broken |" in md and "| empty |" in md
