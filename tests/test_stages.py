@@ -365,3 +365,19 @@ def test_a_tampered_model_in_the_store_is_refused_by_the_next_stage(store, tmp_p
     with pytest.raises(ConfigError, match="holds more than weights"):
         run_stage("score", store, "t", params(), group=0)
     assert not marker.exists()
+
+
+def test_a_class_the_pool_never_shows_is_reported_short_and_the_run_goes_on(tmp_path):
+    """The pool holds only 'left' and 'middle' images: with p=1 'right' has no candidate at all."""
+    s = Store.from_uri(f"file://{tmp_path}/s")
+    make_tiny(s)
+    rng = np.random.default_rng(1)
+    s.delete_prefix("drops")
+    s.delete_prefix("truth")
+    datasets.write_drop(s, "two-classes", [(f"img-{i}.png", bar_image(rng, i % 2)) for i in range(30)],
+                        source="test", shard_size=10)
+    run_pipeline(s, "r", params(oracle=False, p=1, k=6))
+    sel = s.read_json("runs/r/evaluate/metrics.json")["selection"]
+    assert sel["per_class_count"] == [6, 6, 0] and sel["shortfall"] == [0, 0, 6]
+    assert sel["candidates_per_class"][2] == 0
+    assert "| classes short of K | 1 (right) |" in s.read_bytes("runs/r/evaluate/report.md").decode()
