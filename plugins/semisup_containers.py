@@ -209,6 +209,11 @@ def kubernetes_kwargs(stage: str, deployment: Deployment) -> dict[str, Any]:
         "volumes": [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
                                                                                     size_limit=k.shm_size))],
         "volume_mounts": [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        # the stage image's own non-root user (Dockerfile: USER 10001), enforced by the kubelet, so a
+        # changed image cannot start as root; the XCom sidecar runs as the same user and reads the result
+        "security_context": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                             "seccompProfile": {"type": "RuntimeDefault"}},
+        "container_security_context": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "service_account_name": k.service_account_name,
         "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in k.image_pull_secrets] or None,
         "deferrable": k.deferrable, "startup_timeout_seconds": k.startup_timeout_seconds,

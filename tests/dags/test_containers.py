@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,12 @@ def test_kubernetes_pod_spec_of_a_gpu_stage(kubeconfig, credentials):
     assert {"mountPath": "/dev/shm", "name": "dshm"} in base["volumeMounts"]
     assert {"emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}, "name": "dshm"} in pod["spec"]["volumes"]
     assert any(c["name"] == "airflow-xcom-sidecar" for c in pod["spec"]["containers"])
+    # never root: the image's user, enforced by the kubelet, no privilege escalation, no capabilities
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    assert re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.M)[-1] == "10001"  # the same user as the image
+    assert base["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     text = json.dumps(pod)
     assert SECRET not in text and "AKIA-test-key-id" not in text
 
