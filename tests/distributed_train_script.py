@@ -1,6 +1,9 @@
 """Train the tiny model of test_distributed.py; under torchrun, data-parallel. Rank 0 saves the weights.
 
-Usage: [torchrun --nproc_per_node=N] distributed_train_script.py OUT.pt
+Usage: [torchrun --nproc_per_node=N] distributed_train_script.py OUT.pt [CHECKPOINT_DIR [CRASH_AFTER]]
+
+With CHECKPOINT_DIR the training keeps its state there (every 2 steps) and resumes from it; with
+CRASH_AFTER rank 0 dies right after that many saves, and torchrun takes the other processes down.
 """
 
 from __future__ import annotations
@@ -21,10 +24,23 @@ def data(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def train_once(out: str) -> None:
+def train_once(out: str, checkpoint_dir: str | None = None, crash_after: int = 0) -> None:
     from semisup_tasks import distributed
+    from semisup_tasks.checkpoints import StoreCheckpoints
     from semisup_tasks.models import build_model
+    from semisup_tasks.store import Store
     from semisup_tasks.train import Recipe, train
+
+    class Dying(StoreCheckpoints):
+        saves = 0
+
+        def save(self, state: dict, shape: str) -> None:
+            super().save(state, shape)
+            self.saves += 1
+            if self.saves == crash_after:
+                import os
+
+                os._exit(3)  # as a killed process: no cleanup, no goodbye to the other ranks
 
     distributed.init_from_env()
     torch.set_num_threads(1)
@@ -35,10 +51,16 @@ def train_once(out: str) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     x, y = data()
-    summary = train(model, x, y, recipe, name="ddp-test")
+    checkpoints = None
+    if checkpoint_dir:
+        checkpoints = Dying(Store.from_uri(f"file://{checkpoint_dir}"), "ddp-test.pt", "t", every_steps=2)
+    summary = train(model, x, y, recipe, name="ddp-test", checkpoints=checkpoints)
     if distributed.is_main():
         torch.save({"state": model.state_dict(), "summary": summary}, out)
 
 
 if __name__ == "__main__":
-    train_once(sys.argv[1])
+    import logging
+
+    logging.basicConfig(level=logging.INFO)  # the "resuming at step" line
+    train_once(sys.argv[1], *(sys.argv[2:3]), *(int(a) for a in sys.argv[3:4]))

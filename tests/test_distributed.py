@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_train_script.py"
 
 
-def run(cmd: list[str], tmp_path: Path) -> None:
+def run(cmd: list[str], tmp_path: Path, expect_failure: bool = False) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (proc.returncode != 0) == expect_failure, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stderr
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
@@ -42,6 +43,18 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
     fresh = build_model("cnn_small", 1, 3, (12, 12)).state_dict()
     assert any(not torch.allclose(fresh[k], v) for k, v in one["state"].items() if v.is_floating_point())
+
+    # rank 0 dies after its 4th save (mid-epoch, step 6 of 9); the rerun resumes both processes from it
+    ckpt = tmp_path / "checkpoints"
+    run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "dead.pt"), str(ckpt), "4"],
+        tmp_path, expect_failure=True)
+    assert (ckpt / "ddp-test.pt").exists() and not (tmp_path / "dead.pt").exists()
+    log = run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "resumed.pt"),
+               str(ckpt)], tmp_path)
+    assert "resuming at step 6 of 9" in log
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert resumed["summary"] == two["summary"]
+    assert all(torch.equal(resumed["state"][k], v) for k, v in two["state"].items())
 
 
 def test_a_training_stage_under_torchrun_writes_once_from_rank_0(tmp_path):
