@@ -1,5 +1,7 @@
 """Student training benchmark: steps/s from materialised training shards (ShardStream) vs from in-memory
-tensors (the baseline), same model, recipe, batch size and torch threads, measured in one run.
+tensors (the baseline), same model, recipe, batch size and torch threads, measured in one run; and
+the cost of resumability: the stream run again with its whole state saved to the store every
+--checkpoint-every steps and after every epoch.
 
     python benchmarks/bench_train.py                        # 5000 MNIST digits, cnn_small, batch 64, 2 epochs
     python benchmarks/bench_train.py --epochs 3 --repeat 5 --part-rows 512
@@ -27,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from semisup_tasks.checkpoints import StoreCheckpoints  # noqa: E402
 from semisup_tasks.demo import _load_mnist  # noqa: E402
 from semisup_tasks.images import decode_table, encode_png, write_shards  # noqa: E402
 from semisup_tasks.models import build_model  # noqa: E402
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--part-rows", type=int, default=1024, help="rows per training part (default: 5 parts)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (the param's "
+                    "default is 500; 50 saves several times an epoch here)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,12 +88,19 @@ def main() -> None:
             model = build_model(args.arch, 1, 10, size)
             r = Recipe(**{**recipe.__dict__, "epochs": epochs})
             start = time.perf_counter()
-            summary = train(model, x, y, r) if mode == "memory" else train_stream(model, stream, r)
+            if mode == "memory":
+                summary = train(model, x, y, r)
+            else:
+                checkpoints = None
+                if mode == "checkpointed":  # a fresh key each run: nothing to resume, every save paid
+                    store.delete("runs/bench/checkpoint.pt")
+                    checkpoints = StoreCheckpoints(store, "runs/bench/checkpoint.pt", "bench", args.checkpoint_every)
+                summary = train_stream(model, stream, r, checkpoints=checkpoints)
             return time.perf_counter() - start, summary["steps"]
 
         run("memory", 1)  # warm-up: allocator, kernels, page cache
         run("stream", 1)
-        times: dict[str, list[float]] = {"memory": [], "stream": []}
+        times: dict[str, list[float]] = {"memory": [], "stream": [], "checkpointed": []}
         steps = 0
         for _ in range(args.repeat):
             for mode in times:
@@ -105,7 +117,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     base_best = steps / min(times["memory"])
     base_median = steps / statistics.median(times["memory"])
-    for mode, label in (("memory", "in-memory tensors"), ("stream", "training shards (ShardStream)")):
+    for mode, label in (("memory", "in-memory tensors"), ("stream", "training shards (ShardStream)"),
+                        ("checkpointed", f"training shards, checkpoint every {args.checkpoint_every} steps")):
         best, median = steps / min(times[mode]), steps / statistics.median(times[mode])
         print(f"| {label} | {best:.1f} | {median:.1f} | {best * args.batch_size:.0f} | "
               f"x{best / base_best:.3f} / x{median / base_median:.3f} |")
