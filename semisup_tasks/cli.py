@@ -72,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     p.add_argument("--run", default="latest", help="run id, or 'latest'")
     p.add_argument("--format", choices=["json", "table"], default="table")
+
+    p = sub.add_parser("models", help="the model registry: versions, model cards, the champion and its history")
+    models = p.add_subparsers(dest="models_command", required=True)
+    for action, text in (("list", "list a model's versions (* marks the champion)"),
+                         ("show", "print a version's model card as JSON"),
+                         ("history", "print every move of the champion, oldest first"),
+                         ("promote", "make a version the champion by hand (bypasses the gate; recorded as manual)"),
+                         ("rollback", "make the previous champion the champion again")):
+        m = models.add_parser(action, help=text)
+        _store_arg(m)
+        # a model name is a dataset's name (one label space, one champion); with one model in the store
+        # there is nothing to choose, so the default is that one
+        m.add_argument("--name", default=None, help="model name, the dataset's name (default: the store's only model)")
+        if action in ("show", "promote"):
+            m.add_argument("--version", required=action == "promote", default=None,
+                           help="version, e.g. v3" + (" (default: the champion)" if action == "show" else ""))
+        if action in ("promote", "rollback"):
+            m.add_argument("--reason", default=None, help="why, recorded in the history")
     return parser
 
 
@@ -156,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = load_metrics(store, args.run)
             print(json.dumps(metrics, indent=2, sort_keys=True) if args.format == "json" else render_table(metrics))
+        elif args.command == "models":
+            from .registry import models_command
+
+            print(models_command(store, args.models_command, name=args.name,
+                                 version=getattr(args, "version", None), reason=getattr(args, "reason", None)))
     except (ConfigError, StoreError, OSError) as exc:  # OSError: missing or unreadable local files
         line = f"semisup: error: {_sentence(exc)}"
         print(line, file=sys.stderr)
