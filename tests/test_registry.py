@@ -143,15 +143,34 @@ def test_better_student_is_promoted_and_worse_kept_out(store):
     assert_pointer_sound(store)
 
 
+def top1(correct: int, n: int) -> float:
+    """Top-1 as the pipeline computes it: a float32 mean (46/50 comes out as 0.9200000166893005)."""
+    return float(torch.tensor([1.0] * correct + [0.0] * (n - correct)).mean())
+
+
 def test_the_margin_is_respected_at_its_boundary(store):
-    # top-1 is a ratio of counts: 46/50 - 45/50 is 0.020000000000000018 in floats, exactly the margin
-    run(store, "r1", 45 / 50)
-    at = run(store, "r2", 46 / 50, margin=0.02)
+    # one image better than 45/50 is exactly the margin 0.02; in float32 the difference is 0.02000004
+    run(store, "r1", top1(45, 50))
+    at = run(store, "r2", top1(46, 50), margin=0.02)
     assert not at["promoted"] and "not more than the margin 0.02" in at["reason"]
-    above = run(store, "r3", 47 / 50, margin=0.02)
+    above = run(store, "r3", top1(47, 50), margin=0.02)
     assert above["promoted"] and registry.champion(store, NAME)["version"] == "v3"
-    equal = run(store, "r4", 47 / 50, margin=0.0)  # equal models never churn the pointer
+    equal = run(store, "r4", top1(47, 50), margin=0.0)  # equal models never churn the pointer
     assert not equal["promoted"]
+    one_more = run(store, "r5", top1(48, 50), margin=0.0)  # the smallest real gain wins at margin 0
+    assert one_more["promoted"]
+
+
+@pytest.mark.parametrize("n", [50, 1000, 100_000, 1_000_000])
+def test_the_boundary_holds_in_float32_and_float64_at_any_val_size(n):
+    base = n // 2
+    margin = 10 / n  # exactly ten images
+    for value in (top1, lambda c, m: c / m):
+        old = {**make_card("r1", value(base, n))[1], "version": "v1"}
+        at = {**make_card("r2", value(base + 10, n))[1], "version": "v2"}
+        above = {**make_card("r3", value(base + 11, n))[1], "version": "v3"}
+        assert registry.gate(at, old, margin)[0] is False
+        assert registry.gate(above, old, margin)[0] is True
 
 
 @pytest.mark.parametrize("challenger, champion, promoted, fragment", [
