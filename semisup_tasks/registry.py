@@ -18,8 +18,9 @@ the missing entry. The pointer also carries the stack of earlier champions, whic
 pops: promote pushes the old champion, rollback pops one, so rolling back twice goes two back.
 
 One writer per model name at a time: version numbers and history sequence numbers are allocated by
-listing, and neither the file store nor plain S3 PUT offers compare-and-swap. The DAG runs its register
-task in a one-slot pool; a second writer that races anyway is detected where it can be and refused.
+listing, and neither the file store nor plain S3 PUT offers compare-and-swap. The DAG runs one register
+task at a time (``max_active_tis_per_dag=1``); a second writer that races anyway is detected where it can
+be and refused.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def register(store: Store, name: str, model_bytes: bytes, card: dict) -> str:
     if (store.read_json(_version_key(name, version, CARD)).get("run_id") != run_id
             or _sha256(store.read_bytes(model_key)) != full["model"]["file_sha256"]):
         raise StoreError(f"Another writer registered model {name!r} {version} at the same time; run the "
-                         "register step again (one writer per model name: the DAG's registry pool).")
+                         "register step again (register one run at a time per model name).")
     return version
 
 
