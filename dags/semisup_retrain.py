@@ -20,6 +20,10 @@ classification* (2019), over the object store given by the `store` param:
    **pretrain_student** streams them, then **finetune_student** on the labeled set.
 6. **evaluate** — top-1/top-5, per-class and head/tail recall for teacher, baseline, student
    and oracle; the *semisup report* link on this task opens the run's report.
+7. **register** — the student becomes a new version in the model registry (`models/<dataset>/`)
+   with its model card; it replaces the champion only when its validation top-1 beats the
+   champion's by more than `promotion_margin`, and the task's result says why either way.
+   With `teacher=champion` the next run starts from the champion: the method, iterated.
 
 Each task runs `python -m semisup_tasks stage NAME` where this deployment runs that stage (a
 subprocess of the worker, a Docker container or a Kubernetes pod: `SEMISUP_RUNNER` or the file
@@ -73,7 +77,9 @@ with DAG(
     pretrain = stage_task("pretrain_student", "pretrain-student", DEPLOYMENT)
     finetune = stage_task("finetune_student", "finetune-student", DEPLOYMENT)
     evaluate = stage_task("evaluate", "evaluate", DEPLOYMENT)
+    # one registering task at a time across runs: version numbers and the champion pointer have one writer
+    register = stage_task("register", "register", DEPLOYMENT, max_active_tis_per_dag=1)
 
     plan >> [teacher, baseline, oracle]
     teacher >> score >> thresholds >> filter_ >> select >> materialize >> pretrain >> finetune >> evaluate
-    [baseline, oracle] >> evaluate
+    [baseline, oracle] >> evaluate >> register

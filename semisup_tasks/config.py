@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ DEFAULT_STORE = "file://./.semisup/store"  # the embedded store, a folder ignore
 #: the pipeline's stages, in order; the ones that train a model run data-parallel under torchrun
 TRAINING_STAGES = ("train-teacher", "train-baseline", "train-oracle", "pretrain-student", "finetune-student")
 STAGE_NAMES = ("plan", *TRAINING_STAGES[:3], "score", "thresholds", "filter", "select", "materialize",
-               *TRAINING_STAGES[3:], "evaluate")
+               *TRAINING_STAGES[3:], "evaluate", "register")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,12 @@ class PipelineParams:
     oracle: bool = _p(True, "Also train the oracle (student on the pool's true labels) when the store "
                             "has them (the demo does).", "Data", type="boolean")
     # models
+    teacher: str = _p("train", "Where the teacher comes from: train (on the labeled set), champion (the registry's "
+                               "current champion: iterate the method) or a registered version such as v3.", "Models",
+                      type="string", pattern="^(train|champion|v[1-9][0-9]*)$")
+    promotion_margin: float = _p(0.0, "The student replaces the champion only when its validation top-1 is higher "
+                                      "by more than this (0: strictly better).", "Models", type="number", minimum=0,
+                                 maximum=1)
     teacher_arch: str = _p("cnn_medium", "Teacher architecture.", "Models", type="string", enum=list(ARCHITECTURES))
     student_arch: str = _p("cnn_small", "Student architecture (also used for the baseline and the oracle).",
                            "Models", type="string", enum=list(ARCHITECTURES))
@@ -99,7 +106,7 @@ class PipelineParams:
                               f"{', '.join(known)}.")
         values = {}
         for name, value in data.items():
-            values[name] = _check(name, value, known[name].metadata["schema"])
+            values[name] = _check(name, value, known[name].metadata["schema"], known[name].metadata["description"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +117,7 @@ _KINDS = {"string": "a string", "integer": "an integer", "number": "a number", "
           "array": "a list"}
 
 
-def _check(name: str, value: Any, schema: dict[str, Any]) -> Any:
+def _check(name: str, value: Any, schema: dict[str, Any], description: str = "") -> Any:
     kind = schema["type"]
     if kind == "integer" and isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -127,6 +134,8 @@ def _check(name: str, value: Any, schema: dict[str, Any]) -> Any:
         raise ConfigError(f"Parameter {name} must be at most {schema['maximum']}, got {value!r}.")
     if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
         raise ConfigError(f"Parameter {name} must be greater than {schema['exclusiveMinimum']}, got {value!r}.")
+    if "pattern" in schema and not re.fullmatch(schema["pattern"], value):
+        raise ConfigError(f"Parameter {name} cannot be {value!r}: {description[0].lower()}{description[1:]}")
     if schema.get("minLength") and len(value) < schema["minLength"]:
         raise ConfigError(f"Parameter {name} must not be empty.")
     if kind == "array" and not all(isinstance(v, str) for v in value):

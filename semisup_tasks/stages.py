@@ -254,8 +254,17 @@ def plan(ctx: RunContext) -> dict:
 
 
 def train_labeled(ctx: RunContext, stage: str) -> dict:
-    """Teacher and baseline: trained from scratch on the labeled train split."""
+    """Teacher and baseline: trained from scratch on the labeled train split; or the teacher taken from
+    the model registry (``teacher=champion`` or a version), to iterate the method."""
     ds = ctx.dataset()
+    if stage == "train-teacher" and ctx.params.teacher != "train":
+        from . import registry
+        from .models import load_checkpoint
+
+        # "champion" is resolved once, here: a retry reuses this committed result, never a newer champion
+        data, source = registry.teacher_checkpoint(ctx.store, registry.model_name(ds["name"]), ctx.params.teacher, ds)
+        model, ckpt = load_checkpoint(data)
+        return {**_save_model(ctx, "teacher", model, ckpt["arch"], ds, {"source": source}), "source": source}
     arch = ctx.params.teacher_arch if stage == "train-teacher" else ctx.params.student_arch
     x, y, _ = datasets.load_split(ctx.store, ds, "train")
     name = MODEL_STAGES[stage]
@@ -594,6 +603,24 @@ def evaluate_stage(ctx: RunContext) -> dict:
     return {"metrics": files.get("metrics.json"), "report": files.get("report.html"), "summary": summary}
 
 
+def register_stage(ctx: RunContext) -> dict:
+    """The run's student into the model registry as a new version with its model card; the champion moves
+    to it only when it beats the champion's validation top-1 by more than ``promotion_margin``."""
+    from . import registry
+
+    if ctx.committed("evaluate") is None:
+        raise ConfigError(f"Run {ctx.run_id!r} has no evaluation yet; run the evaluate stage first.")
+    student, teacher = _model_result(ctx, "student"), _model_result(ctx, "teacher")
+    metrics = ctx.store.read_json(ctx.key("evaluate", "metrics.json"))
+    card = registry.build_card(run_id=ctx.run_id, code_version=code_version(), metrics=metrics, student=student,
+                               teacher=teacher)
+    result = registry.register_run(ctx.store, registry.model_name(metrics["dataset"]["name"]),
+                                   model_bytes=ctx.store.read_bytes(student["model_key"]), model_card=card,
+                                   margin=ctx.params.promotion_margin)
+    log.info("registered %s: %s", result["version"], result["reason"])
+    return result
+
+
 def _pseudo_label_quality(ctx: RunContext, plan_: dict, num_classes: int) -> dict:
     truth = datasets.load_truth(ctx.store, plan_["drops"]) if plan_["truth"] else None
     if truth is None:
@@ -621,9 +648,10 @@ STAGES: dict[str, Callable[..., dict]] = {
     "pretrain-student": pretrain_student,
     "finetune-student": finetune_student,
     "evaluate": evaluate_stage,
+    "register": register_stage,
 }
 STAGE_DIRS = {"plan": "plan", "thresholds": "thresholds", "select": "select", "materialize": "trainset",
-              "evaluate": "evaluate", **MODEL_STAGES}
+              "evaluate": "evaluate", "register": "register", **MODEL_STAGES}
 
 
 GROUP_STAGES = ("score", "filter")  # mapped over the plan's shard groups; no manifest of their own
@@ -682,6 +710,6 @@ def run_pipeline(store: Store, run_id: str, params: dict) -> dict:
     results["score"] = [run_stage("score", store, run_id, params, group=g) for g in groups]
     results["thresholds"] = run_stage("thresholds", store, run_id, params)
     results["filter"] = [run_stage("filter", store, run_id, params, group=g) for g in groups]
-    for name in ("select", "materialize", "pretrain-student", "finetune-student", "evaluate"):
+    for name in ("select", "materialize", "pretrain-student", "finetune-student", "evaluate", "register"):
         results[name] = run_stage(name, store, run_id, params)
-    return results["evaluate"]
+    return {**results["evaluate"], "registered": results["register"]}

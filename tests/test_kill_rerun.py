@@ -21,7 +21,8 @@ from semisup_tasks.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"dataset": "tiny", **FAST, "augment": "affine", "teacher_epochs": 30, "checkpoint_every_steps": 3}
 KILLS_PER_SEED = 2
-STAGE_MANIFESTS = 10  # plan, the four models, the oracle, thresholds, select, trainset, evaluate
+STAGE_MANIFESTS = 11  # plan, teacher, baseline, oracle, thresholds, select, trainset, the two students,
+# evaluate, register
 
 
 def _committed(root: Path, run_id: str) -> list[Path]:

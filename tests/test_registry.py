@@ -358,3 +358,31 @@ def test_cli_needs_a_name_when_the_store_has_several_models(tmp_path):
     assert_one_sentence(semisup(store, "list"), "several models (other, tiny); pick one with --name")
     assert_one_sentence(semisup(store, "show", "--name", "tiny"), "has no champion yet")
     assert semisup(store, "list", "--name", "other").returncode == 0
+
+
+def test_runs_register_their_students_and_the_champion_teaches_the_next_run(tmp_path):
+    """The pipeline end to end: run 1 trains its teacher and its student becomes the first champion;
+    run 2 takes the champion as its teacher (the method iterated), and its card says so; a student
+    that must beat the champion by an impossible margin is kept out, with the reason."""
+    from test_stages import make_tiny, params
+
+    from semisup_tasks.stages import run_pipeline
+
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    make_tiny(store)
+    first = run_pipeline(store, "r1", params(oracle=False))["registered"]
+    assert first["version"] == "v1" and first["promoted"] is True
+    assert registry.champion(store, "tiny")["version"] == "v1"
+
+    second = run_pipeline(store, "r2", params(oracle=False, teacher="champion", promotion_margin=1.0))["registered"]
+    assert second["version"] == "v2" and second["promoted"] is False and "margin" in second["reason"]
+    assert registry.champion(store, "tiny")["version"] == "v1"  # kept
+    teacher = store.read_json("runs/r2/teacher/_SUCCESS.json")["result"]
+    assert teacher["weights_sha256"] == registry.card(store, "tiny", "v1")["model"]["weights_sha256"]
+    lineage = registry.card(store, "tiny", "v2")["lineage"]
+    assert lineage["teacher"]["how"] == "registry" and lineage["teacher"]["version"] == "v1"
+    assert lineage["run_id"] == "r2" and lineage["dataset"] == {"name": "tiny", "version": "v1"}
+    # a rerun of the finished run registers nothing new and takes no second decision
+    assert run_pipeline(store, "r2", params(oracle=False, teacher="champion", promotion_margin=1.0))[
+        "registered"] == second
+    assert registry.versions(store, "tiny") == ["v1", "v2"]

@@ -72,10 +72,12 @@ def test_retrain_dag_wiring(retrain_dag):
     assert up["pretrain_student"] == {"materialize"}
     assert up["finetune_student"] == {"pretrain_student"}
     assert up["evaluate"] == {"finetune_student", "train_baseline", "train_oracle"}
+    assert up["register"] == {"evaluate"}
+    assert dag.get_task("register").max_active_tis_per_dag == 1  # one writer of the registry at a time
 
     stages = {t.task_id: getattr(t, "stage", None) for t in dag.tasks if t.task_id not in ("score", "filter")}
     assert stages["train_teacher"] == "train-teacher"
-    assert stages["evaluate"] == "evaluate"
+    assert stages["evaluate"] == "evaluate" and stages["register"] == "register"
 
 
 @pytest.mark.parametrize("task_id", ["score", "filter"])
