@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True,
                    help="local folder or s3:// prefix: images, WebDataset .tar shards or img2dataset .parquet shards")
 
+    p = sub.add_parser("ingest", help="register what landed under LANDING/<YYYY-MM-DD>/ as drop <prefix><YYYY-MM-DD> "
+                                      "(idempotent; a day with nothing landed is not an error)")
+    _store_arg(p)
+    p.add_argument("--date", required=True, help="the landing day, YYYY-MM-DD")
+    p.add_argument("--landing", default="landing",
+                   help="landing root: a prefix inside the store (default: landing) or a file:// or s3:// URI")
+    p.add_argument("--drop-prefix", default="", help="put before the date to make the drop id (default: none)")
+
     p = sub.add_parser("demo-data", help="build the MNIST demo dataset and drops (no download)")
     _store_arg(p)
     p.add_argument("--seed", type=int, default=0)
@@ -152,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             from .datasets import import_drop
 
             _emit(import_drop(store, args.drop_id, args.source), None)
+        elif args.command == "ingest":
+            from .ingest import ingest
+
+            _emit(ingest(store, args.date, landing=args.landing, drop_prefix=args.drop_prefix), None)
         elif args.command == "demo-data":
             from .demo import build_demo
 

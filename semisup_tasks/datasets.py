@@ -541,7 +541,7 @@ def _reasons_json(skipped: int, reasons: Mapping[str, int] | None) -> dict[str, 
 
 def _commit_drop(
     store: Store, drop_id: str, shards: list[ShardInfo], skipped: int, reasons: Mapping[str, int] | None,
-    source: str,
+    source: str, date: str | None = None,
 ) -> dict:
     manifest = {
         "kind": "drop",
@@ -552,6 +552,8 @@ def _commit_drop(
         "skipped_reasons": _reasons_json(skipped, reasons),  # {reason: count}, see images.REASONS
         "source": source,
     }
+    if date is not None:  # the day the drop landed (ingest): what drops_since and drops_last order by
+        manifest["date"] = date
     store.write_json(join(drop_prefix(drop_id), SUCCESS), manifest)
     logger.info("Wrote drop %s: %d images in %d shard(s), %d skipped", drop_id, manifest["count"], len(shards),
                 skipped)
@@ -589,8 +591,11 @@ def write_drop(
     return _commit_drop(store, drop_id, shards, skipped, reasons, source)
 
 
-def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
-    """Import every image under a folder or s3:// prefix as one unlabeled drop (idempotent)."""
+def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAULT_SHARD_SIZE,
+                date: str | None = None) -> dict:
+    """Import every image under a folder or s3:// prefix as one unlabeled drop (idempotent).
+
+    ``date`` (YYYY-MM-DD), when given, is recorded in the manifest as the day the drop landed."""
     _check_name("drop id", drop_id)
     if store.exists(join(drop_prefix(drop_id), SUCCESS)):
         logger.info("Drop %s is already imported; nothing to do", drop_id)
@@ -615,7 +620,7 @@ def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAU
     if skips.count:
         logger.warning("Drop %s: kept %d images, skipped %d (%s)", drop_id, sum(s.count for s in shards),
                        skips.count, skips.summary())
-    return _commit_drop(store, drop_id, shards, skips.count, skips.reasons, source)
+    return _commit_drop(store, drop_id, shards, skips.count, skips.reasons, source, date=date)
 
 
 def list_drops(store: Store) -> list[str]:
