@@ -20,6 +20,10 @@ STAGE_NAMES = ("plan", *TRAINING_STAGES[:3], "score", "thresholds", "filter", "s
                *TRAINING_STAGES[3:], "evaluate", "register")
 
 
+#: YYYY-MM-DD or empty (no "format": "date": the form would then refuse the empty default)
+OPTIONAL_DAY = r"^(|\d{4}-\d{2}-\d{2})$"
+
+
 class ConfigError(ValueError):
     """A parameter a user can fix."""
 
@@ -41,6 +45,14 @@ class PipelineParams:
     dataset_version: str = _p("latest", "Dataset version, or 'latest'.", "Data", type="string", minLength=1)
     drops: list = _p([], "Unlabeled drop ids to use; empty means every committed drop.", "Data",
                      type="array", items={"type": "string"})
+    drops_last: int = _p(0, "Use only the N most recent drops (by landing date, then id); 0 means all.", "Data",
+                         type="integer", minimum=0)
+    drops_since: str = _p("", "Use only drops that landed on or after this day (YYYY-MM-DD); empty means no bound. "
+                              "A drop without a known date (none in its manifest or its id) is left out.", "Data",
+                          type="string", pattern=OPTIONAL_DAY)
+    min_new_images: int = _p(0, "Skip the run (after plan, visibly) when the selected drops hold fewer images than "
+                                "this that the champion was not trained on; 0 always runs.", "Data",
+                             type="integer", minimum=0)
     oracle: bool = _p(True, "Also train the oracle (student on the pool's true labels) when the store "
                             "has them (the demo does).", "Data", type="boolean")
     # models
@@ -136,11 +148,22 @@ def _check(name: str, value: Any, schema: dict[str, Any], description: str = "")
         raise ConfigError(f"Parameter {name} must be greater than {schema['exclusiveMinimum']}, got {value!r}.")
     if "pattern" in schema and not re.fullmatch(schema["pattern"], value):
         raise ConfigError(f"Parameter {name} cannot be {value!r}: {description[0].lower()}{description[1:]}")
+    if schema.get("pattern") == OPTIONAL_DAY and value:  # the pattern lets 2026-02-30 through
+        _check_date(name, value)
     if schema.get("minLength") and len(value) < schema["minLength"]:
         raise ConfigError(f"Parameter {name} must not be empty.")
     if kind == "array" and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"Parameter {name} must be a list of strings, got {value!r}.")
     return value
+
+
+def _check_date(name: str, value: str) -> None:
+    from datetime import date
+
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"Parameter {name} is not a real day: {value!r}; write it as YYYY-MM-DD.") from None
 
 
 def param_specs() -> dict[str, dict[str, Any]]:

@@ -234,13 +234,7 @@ def plan(ctx: RunContext) -> dict:
         if ds["splits"][split]["count"] == 0:
             raise ConfigError(f"Dataset {ds['name']!r} version {ds['version']} has no {split} images; "
                               "re-import it with a non-empty train and test split.")
-    repeated = sorted({d for d in p.drops if p.drops.count(d) > 1})
-    if repeated:
-        raise ConfigError(f"Drop(s) {', '.join(repeated)} are listed more than once in drops; list each once.")
-    drop_ids = list(p.drops) or datasets.list_drops(ctx.store)
-    if not drop_ids:
-        raise ConfigError(f"The store {ctx.store.uri} has no unlabeled drop; add one with `semisup import-drop`.")
-    manifests = [datasets.load_drop_manifest(ctx.store, d) for d in drop_ids]
+    drop_ids, manifests = _select_drops(ctx.store, p)
     shards = [s["key"] for m in manifests for s in m["shards"]]
     size = max(p.shards_per_task, -(-len(shards) // p.max_score_tasks))  # bounded mapped-task count
     groups = [shards[i:i + size] for i in range(0, len(shards), size)]
@@ -248,9 +242,63 @@ def plan(ctx: RunContext) -> dict:
     ctx.store.write_json(ctx.key("plan", "shard_groups.json"), groups)
     # true labels count only when every drop has them: a partial truth would make a partial oracle
     truth = all(ctx.store.exists(datasets.truth_key(d)) for d in drop_ids)
+    champion, new_images, new_drops = _new_images(ctx.store, ds["name"], drop_ids, manifests)
     return {"dataset": ds["name"], "dataset_version": ds["version"], "drops": drop_ids,
             "score_groups": len(groups), "shards_per_group": size, "shards": len(shards),
-            "images": sum(m["count"] for m in manifests), "truth": truth, "oracle": bool(p.oracle and truth)}
+            "images": sum(m["count"] for m in manifests), "truth": truth, "oracle": bool(p.oracle and truth),
+            "champion": champion, "new_images": new_images, "new_drops": new_drops,
+            "gate": gate_decision(new_images, p.min_new_images, champion)}
+
+
+def _select_drops(store: Store, p: PipelineParams) -> tuple[list[str], list[dict]]:
+    """The run's drops with their manifests: ``drops`` (or every committed drop, by id), then those since
+    ``drops_since``, then the ``drops_last`` most recent; either filter orders them by landing date, then id."""
+    from .ingest import drop_date
+
+    repeated = sorted({d for d in p.drops if p.drops.count(d) > 1})
+    if repeated:
+        raise ConfigError(f"Drop(s) {', '.join(repeated)} are listed more than once in drops; list each once.")
+    drop_ids = list(p.drops) or datasets.list_drops(store)
+    if not drop_ids:
+        raise ConfigError(f"The store {store.uri} has no unlabeled drop; add one with `semisup import-drop`.")
+    manifests = {d: datasets.load_drop_manifest(store, d) for d in drop_ids}
+    dates = {d: drop_date(d, manifests[d]) for d in drop_ids}
+    if p.drops_since:
+        drop_ids = [d for d in drop_ids if dates[d] is not None and dates[d] >= p.drops_since]
+        if not drop_ids:
+            raise ConfigError(f"No drop landed on or after {p.drops_since} (drops_since); pick an earlier day or "
+                              "leave drops_since empty.")
+    if p.drops_last or p.drops_since:  # undated drops count as oldest: their landing day is unknown
+        drop_ids.sort(key=lambda d: (dates[d] or "", d))
+    if p.drops_last:
+        drop_ids = drop_ids[-p.drops_last:]
+    return drop_ids, [manifests[d] for d in drop_ids]
+
+
+def _new_images(store: Store, dataset: str, drop_ids: list[str], manifests: list[dict]
+                ) -> tuple[str | None, int, list[str]]:
+    """(champion version, images in the selected drops it was not trained on, those drops); with no
+    champion every image is new."""
+    from . import registry
+
+    name = registry.model_name(dataset)
+    pointer = registry.champion(store, name)
+    seen: set[str] = set()
+    if pointer is not None:
+        seen = set(registry.card(store, name, pointer["version"]).get("lineage", {}).get("drops", []))
+    new = [(d, m["count"]) for d, m in zip(drop_ids, manifests, strict=True) if d not in seen]
+    return (pointer["version"] if pointer else None), sum(n for _, n in new), [d for d, _ in new]
+
+
+def gate_decision(new_images: int, min_new_images: int, champion: str | None) -> dict:
+    """Whether the run goes on after plan: at least ``min_new_images`` images its champion has not seen."""
+    versus = f"champion {champion}" if champion else "no champion yet"
+    if new_images >= min_new_images:
+        return {"run": True, "reason": f"{new_images} new image(s) ({versus}), at least min_new_images="
+                                       f"{min_new_images}"}
+    return {"run": False, "reason": f"only {new_images} new image(s) ({versus}), fewer than min_new_images="
+                                    f"{min_new_images}: nothing worth retraining on; set min_new_images=0 to run "
+                                    "anyway"}
 
 
 def train_labeled(ctx: RunContext, stage: str) -> dict:
@@ -704,6 +752,9 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
 def run_pipeline(store: Store, run_id: str, params: dict) -> dict:
     """Every stage in order, in this process: the same work the Airflow DAG does, without Airflow."""
     results = {"plan": run_stage("plan", store, run_id, params)}
+    if not results["plan"]["gate"]["run"]:  # the DAG's gate task: skipped after plan, saying why
+        log.info("run %s skipped: %s", run_id, results["plan"]["gate"]["reason"])
+        return {"skipped": True, "reason": results["plan"]["gate"]["reason"], "plan": results["plan"]}
     for name in ("train-teacher", "train-baseline", "train-oracle"):
         results[name] = run_stage(name, store, run_id, params)
     groups = range(results["plan"]["score_groups"])
