@@ -4,8 +4,11 @@
 The pipeline of Yalniz et al., *Billion-scale semi-supervised learning for image
 classification* (2019), over the object store given by the `store` param:
 
-1. **plan** — resolve the labeled dataset version and the unlabeled drops; split the drop
-   shards into groups (`shards_per_task` shards each, at most `max_score_tasks` groups).
+1. **plan** — resolve the labeled dataset version and the unlabeled drops (`drops`, `drops_last`,
+   `drops_since`); split the drop shards into groups (`shards_per_task` shards each, at most
+   `max_score_tasks` groups); count the images the champion was not trained on.
+   **gate** — with fewer than `min_new_images` such images every later task is *skipped* and the run
+   ends in success; the gate's log says why. `min_new_images=0` always runs.
 2. **train_teacher** — train the teacher on the labeled set. In parallel **train_baseline**
    (the student architecture on labeled data only) and **train_oracle** (the student on the
    pool's true labels, when the store has them).
@@ -30,7 +33,9 @@ subprocess of the worker, a Docker container or a Kubernetes pod: `SEMISUP_RUNNE
 named by `SEMISUP_DEPLOYMENT`, read when the DAG is parsed) and passes only a small JSON result through
 XCom; the stages find each other's outputs under `runs/<run_id>/` in the store. A bad param or a
 missing dataset fails the task at once (no retries); other errors are retried.
-Trigger with the form, or `airflow dags trigger semisup_retrain -c '{"k": 100}'`.
+Runs when `semisup_ingest` registers a new drop (the **semisup-drops** asset) or weekly (Monday
+03:00 UTC), whichever comes first. Trigger by hand with the form, or
+`airflow dags trigger semisup_retrain -c '{"k": 100, "min_new_images": 0}'`.
 """
 
 from __future__ import annotations
@@ -38,21 +43,26 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable
 from semisup_deployment import load_deployment, mapped_stage_task, stage_task
+from semisup_drops import DROPS, gate_task
 from semisup_operator import score_groups
 from semisup_params import pipeline_params
 
 SCORE_PARALLELISM = int(os.environ.get("SEMISUP_SCORE_PARALLELISM", "4"))
 # where each stage runs (local subprocess, Docker or Kubernetes): this deployment's environment
 DEPLOYMENT = load_deployment()
+# scheduled runs (a new drop, the weekly tick) retrain only on this many images the champion has not seen
+MIN_NEW_IMAGES = int(os.environ.get("SEMISUP_MIN_NEW_IMAGES", "1"))
 
 with DAG(
     dag_id="semisup_retrain",
     description="Teacher/student semi-supervised retraining (Yalniz et al. 2019)",
-    schedule=None,
+    # on new drops or weekly, whichever comes first; each asset-triggered run takes all events queued meanwhile
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=[DROPS]),
+    catchup=False,
     max_active_runs=1,
-    params=pipeline_params(),
+    params=pipeline_params(defaults={"min_new_images": MIN_NEW_IMAGES}),
     tags=["semisup"],
     doc_md=__doc__,
     default_args={
@@ -63,6 +73,7 @@ with DAG(
     },
 ) as dag:
     plan = stage_task("plan", "plan", DEPLOYMENT)
+    gate = gate_task(plan.output)  # too few new images: everything after it is skipped, the run succeeds
     teacher = stage_task("train_teacher", "train-teacher", DEPLOYMENT)
     baseline = stage_task("train_baseline", "train-baseline", DEPLOYMENT)
     oracle = stage_task("train_oracle", "train-oracle", DEPLOYMENT)
@@ -80,6 +91,6 @@ with DAG(
     # one registering task at a time across runs: version numbers and the champion pointer have one writer
     register = stage_task("register", "register", DEPLOYMENT, max_active_tis_per_dag=1)
 
-    plan >> [teacher, baseline, oracle]
+    gate >> [teacher, baseline, oracle, groups]
     teacher >> score >> thresholds >> filter_ >> select >> materialize >> pretrain >> finetune >> evaluate
     [baseline, oracle] >> evaluate >> register

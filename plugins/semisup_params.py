@@ -14,7 +14,7 @@ import semisup_operator  # noqa: F401  (makes semisup_tasks importable from a ch
 from airflow.sdk import Param
 from semisup_runners import resolve_store
 
-from semisup_tasks.config import DEFAULT_STORE, param_specs
+from semisup_tasks.config import DEFAULT_STORE, PipelineParams, param_specs
 
 STORE_ENV = "SEMISUP_STORE"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +30,13 @@ def _title(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def pipeline_params(store: str | None = None) -> dict[str, Param]:
-    """Params for a DAG that runs semisup stages (``store`` first, then every pipeline param)."""
+def pipeline_params(store: str | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Param]:
+    """Params for a DAG that runs semisup stages (``store`` first, then every pipeline param).
+
+    ``defaults`` replaces some PipelineParams defaults for this DAG (checked like any value)."""
+    defaults = dict(defaults or {})
+    if defaults:
+        PipelineParams.from_dict(defaults)  # a bad DAG default fails at parse time, in one sentence
     params: dict[str, Param] = {
         "store": Param(
             store or default_store(), type="string", minLength=1, title="Store",
@@ -41,6 +46,6 @@ def pipeline_params(store: str | None = None) -> dict[str, Param]:
     }
     for name, spec in param_specs().items():
         schema: dict[str, Any] = dict(spec["schema"])
-        params[name] = Param(spec["default"], description=spec["description"], title=_title(name),
+        params[name] = Param(defaults.get(name, spec["default"]), description=spec["description"], title=_title(name),
                              section=spec["section"], **schema)
     return params

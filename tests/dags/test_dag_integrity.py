@@ -58,12 +58,15 @@ def test_no_torch_at_parse_time():
 
 def test_retrain_dag_wiring(retrain_dag):
     dag = retrain_dag
-    assert dag.schedule is None or dag.timetable.summary in ("None", None)
     assert dag.max_active_runs == 1
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["plan"] == set()
-    assert up["train_teacher"] == up["train_baseline"] == up["train_oracle"] == {"plan"}
-    assert up["score_groups"] == {"plan"}
+    # the gate sits between plan and everything else: when it short-circuits, nothing after plan runs
+    assert up["gate"] == {"plan"}
+    assert up["train_teacher"] == up["train_baseline"] == up["train_oracle"] == {"gate"}
+    assert up["score_groups"] == {"plan", "gate"}
+    assert set(dag.get_task("plan").get_flat_relative_ids(upstream=False)) == set(dag.task_ids) - {"plan"}
+    assert set(dag.get_task("gate").get_flat_relative_ids(upstream=False)) == set(dag.task_ids) - {"plan", "gate"}
     assert up["score"] == {"score_groups", "train_teacher"}
     assert up["thresholds"] == {"score"}
     assert up["filter"] == {"thresholds", "score_groups"}
@@ -78,6 +81,54 @@ def test_retrain_dag_wiring(retrain_dag):
     stages = {t.task_id: getattr(t, "stage", None) for t in dag.tasks if t.task_id not in ("score", "filter")}
     assert stages["train_teacher"] == "train-teacher"
     assert stages["evaluate"] == "evaluate" and stages["register"] == "register"
+
+
+def test_retrain_runs_on_new_drops_or_weekly(retrain_dag):
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+    from semisup_drops import DROPS
+
+    schedule = retrain_dag.timetable
+    assert isinstance(schedule, AssetOrTimeSchedule)
+    assert isinstance(schedule.timetable, CronTriggerTimetable)
+    assert schedule.timetable.expression == "0 3 * * 1" and str(schedule.timetable.timezone) == "UTC"
+    assert list(schedule.asset_condition.objects) == [DROPS]
+    assert retrain_dag.catchup is False
+    # the scheduled runs' gate: at least one image the champion has not seen (0 would retrain on nothing new)
+    assert retrain_dag.params.get_param("min_new_images").value == 1
+
+
+def test_gate_is_a_short_circuit_that_ignores_downstream_trigger_rules(retrain_dag):
+    gate = retrain_dag.get_task("gate")
+    assert gate.inherits_from_skipmixin and gate.ignore_downstream_trigger_rules is True
+    assert gate.retries >= 1
+
+
+def test_ingest_dag_is_daily_by_data_interval_and_emits_the_drops_asset(dagbag):
+    from airflow.sdk import CronDataIntervalTimetable
+    from semisup_drops import DROPS
+
+    dag = dagbag.dags["semisup_ingest"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.timetable.expression == "0 0 * * *" and dag.catchup is False
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    core = coerce_to_core_timetable(dag.timetable)  # what the scheduler and `airflow backfill create` see
+    assert core.periodic  # backfill refuses a non-periodic schedule (DagNonPeriodicScheduleException)
+    assert not core.partitioned  # partitioned events would not start semisup_retrain
+    (task,) = dag.tasks
+    assert task.task_id == "ingest" and task.outlets == [DROPS]
+    assert set(dag.params.keys()) == {"store", "landing", "drop_prefix", "date"}
+
+
+@pytest.mark.parametrize("name, bad", [("date", "2026-1-5"), ("drop_prefix", "a/b"), ("landing", "")])
+def test_ingest_form_rejects_bad_values(dagbag, name, bad):
+    import copy
+
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = copy.deepcopy(dagbag.dags["semisup_ingest"].params)
+    with pytest.raises(ParamValidationError):
+        params[name] = bad
 
 
 @pytest.mark.parametrize("task_id", ["score", "filter"])
