@@ -13,6 +13,10 @@ Everything else is forwarded unchanged (Host header included, so request signatu
 with HTTP/1.1 keep-alive towards the client and chunked request bodies passed through as they
 are. :attr:`counts` says how many requests arrived and how many faults of each kind were
 injected, so a test can assert the faults really happened. Standard library only.
+
+The proxy runs in a thread of the test process: code that forks (DataLoader workers) must run in a
+subprocess, since a forked child holds copies of the proxy's sockets, so a reset sends nothing
+until that child exits and the client waits for its read timeout instead.
 """
 
 from __future__ import annotations

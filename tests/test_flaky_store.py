@@ -5,6 +5,7 @@ an unreachable store that ends in one sentence within seconds."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -175,6 +176,8 @@ def _outputs(store: Store, run: str) -> tuple[list[dict], dict]:
 
 
 def test_pipeline_on_flaky_storage_equals_a_clean_run(flaky_s3, s3_server, tmp_path):
+    """The whole pipeline, without Airflow, as the real CLI in its own process (whose DataLoader
+    workers then fork away from the proxy's sockets), through the proxy; the same as on file://."""
     from test_stages import make_tiny, params
 
     from semisup_tasks.stages import run_pipeline
@@ -186,12 +189,16 @@ def test_pipeline_on_flaky_storage_equals_a_clean_run(flaky_s3, s3_server, tmp_p
 
     _bucket(s3_server, "flaky-run")
     flaky = Store.from_uri("s3://flaky-run/store")
-    flaky.check()
     make_tiny(flaky)
+    cmd = [sys.executable, "-m", "semisup_tasks", "run", "--store", flaky.uri, "--run-id", "r",
+           "--params-json", json.dumps(quick)]
     start = time.monotonic()
-    run_pipeline(flaky, "r", quick)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     counts = flaky_s3.counts
     print(f"\nflaky pipeline: {counts} in {time.monotonic() - start:.1f}s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout)["metrics"] == f"{flaky.uri}/runs/r/evaluate/metrics.json"
     assert flaky_s3.faults_injected > 0, counts
 
     selection, metrics = _outputs(flaky, "r")
