@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         store = Store.from_uri(args.store)
-        store.check()
+        # every command but reading a report or the registry writes: a read-only store fails before any work
+        store.check(write=not (args.command == "report" or (args.command == "models" and args.models_command in
+                                                              ("list", "show", "history"))))
         if args.command == "import-imagefolder":
             from .datasets import import_imagefolder
 

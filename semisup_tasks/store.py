@@ -99,8 +99,8 @@ class Store(ABC):
         """The full URI of a key, for reports and for tools outside semisup."""
 
     @abstractmethod
-    def check(self) -> None:
-        """Fail early, with one sentence, when the store cannot be reached."""
+    def check(self, write: bool = False) -> None:
+        """Fail early, with one sentence, when the store cannot be reached (with ``write``: or written)."""
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
@@ -133,9 +133,13 @@ class FileStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / clean_key(key)
 
-    def check(self) -> None:
+    def check(self, write: bool = False) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            if write:  # a read-only store fails here, not at the first save after hours of training
+                fd, probe = tempfile.mkstemp(dir=self.root, prefix=".semisup-write-check.", suffix=".tmp")
+                os.close(fd)
+                os.unlink(probe)
         except OSError as exc:
             raise StoreError(f"Cannot use {self.uri} as the store ({exc.strerror}); pick a writable folder.") from None
 
@@ -219,7 +223,8 @@ class S3Store(Store):
         return StoreError(f"Could not {what} ({exc.__class__.__name__}: {exc}); check the store URI, "
                           "AWS_ENDPOINT_URL and the AWS credentials.")
 
-    def check(self) -> None:
+    def check(self, write: bool = False) -> None:
+        # (write is not probed on S3: a test PUT would need delete rights too; a refused PUT names itself)
         import boto3
         from botocore.config import Config
 

@@ -188,9 +188,6 @@ def _read_only(path: Path, argv: list[str]) -> list[str]:
     return ["unshare", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(path), *argv]
 
 
-@pytest.mark.xfail(strict=True, reason="FileStore.check() only creates the root folder and never tries a "
-                   "write: a read-only store trains the teacher, then fails to save it with a raw OSError "
-                   "(fix belongs in semisup_tasks/store.py)")
 def test_a_read_only_store_is_refused_before_training(store_root, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(store_root, root)
