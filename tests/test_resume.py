@@ -150,3 +150,4 @@ def test_a_sigkilled_training_stage_resumes_to_the_same_weights(tmp_path, seed):
     assert b["weights_sha256"] == a["weights_sha256"]
     assert b["train"] == a["train"]
     assert not store.list("runs/killed/teacher/checkpoints")  # spent once the model is committed
+    print(f"seed {seed}: SIGKILL once step {target} was saved; resumed at step {step} of 300, same weights")
