@@ -40,7 +40,7 @@ from .images import (
     probe,
     write_shards,
 )
-from .store import SUCCESS, FileStore, Store, join
+from .store import SUCCESS, FileStore, Store, StoreError, join
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _read_many(src: Store, keys: Sequence[str]) -> Iterator[tuple[str, bytes | N
     def read(key: str) -> bytes | None:
         try:
             return src.read_bytes(key)
-        except OSError:  # a local file we may not open counts as an unreadable image
+        except (OSError, StoreError):  # a file we may not open (or a link out of the folder) is unreadable
             return None
 
     with ThreadPoolExecutor(_READ_WORKERS) as pool:

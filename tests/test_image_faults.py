@@ -399,3 +399,18 @@ def test_classes_without_usable_images_are_kept_and_a_whole_run_handles_them(
     assert metrics["selection"]["untaught_classes"] == [0, 1] and metrics["selection"]["shortfall"][:2] == [4, 4]
     md = store.read_bytes("runs/r1/evaluate/report.md").decode()
     assert "| broken |" in md and "| empty |" in md
+
+
+def test_an_image_linked_from_outside_the_drop_folder_is_skipped_not_imported(tmp_path: Path) -> None:
+    """A symbolic link in a landing folder must not pull in a file from elsewhere on the machine."""
+    wild, outside = tmp_path / "wild", tmp_path / "outside"
+    wild.mkdir(), outside.mkdir()
+    rng = np.random.default_rng(0)
+    (wild / "kept.png").write_bytes(_bar(rng, 0))
+    (outside / "private.png").write_bytes(_bar(rng, 1))
+    (wild / "linked.png").symlink_to(outside / "private.png")
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    m = datasets.import_drop(store, "d1", str(wild))
+    assert m["count"] == 1 and m["skipped"] == 1
+    ids = store.read_table(m["shards"][0]["key"], columns=["image_id"]).column("image_id").to_pylist()
+    assert [i.rsplit("/", 1)[-1] for i in ids] == ["kept.png"]
