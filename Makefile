@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STORE ?= file://$(CURDIR)/.semisup/store
-CONF ?= {}
+# the demo retrains every time it is asked to, even when no new images arrived since the last champion
+CONF ?= {"min_new_images": 0}
 export SEMISUP_STORE := $(STORE)
 
 .PHONY: venv demo test lint clean-demo
