@@ -47,6 +47,50 @@ def flaky_s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlakyS
         yield proxy
 
 
+# -- a real Airflow deployment (airflow standalone) and one semisup_retrain run through its REST API --
+# tiny training like test_e2e_dag's: the whole run takes a few minutes on 2 cores, far above chance
+REST_RUN_CONF = {"teacher_epochs": 6, "pretrain_epochs": 2, "finetune_epochs": 6, "k": 100, "p": 2}
+
+
+@pytest.fixture(scope="session")
+def airflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """``airflow standalone`` on 127.0.0.1 (free port, private AIRFLOW_HOME, SQLite, LocalExecutor with
+    parallelism 2, this checkout's dags/ and plugins/), ready once semisup_retrain is parsed. Teardown
+    stops every process it started and fails if one survives (see tests/airflow_server.py)."""
+    from airflow_server import AirflowServer
+
+    server = AirflowServer(tmp_path_factory.mktemp("airflow-server") / "airflow", parallelism=2)
+    server.start(timeout=300, dag_ids=("semisup_retrain",))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def semisup_rest_run(airflow_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One semisup_retrain run triggered through the REST API on fresh demo data, waited for.
+    Shared by the REST and the browser tests: one training run for both."""
+    import json as _json
+    import subprocess
+    import sys
+    import time
+
+    store = f"file://{tmp_path_factory.mktemp('rest-store')}"
+    demo = subprocess.run([sys.executable, "-m", "semisup_tasks", "demo-data", "--store", store],
+                          env=airflow_server.env(), capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-4000:]
+    status, dag = airflow_server.request("PATCH", "/api/v2/dags/semisup_retrain", body={"is_paused": False})
+    assert status == 200 and dag["is_paused"] is False, (status, dag)
+    conf = {**REST_RUN_CONF, "store": store}
+    started = time.monotonic()
+    status, run = airflow_server.request("POST", "/api/v2/dags/semisup_retrain/dagRuns",
+                                         body={"logical_date": None, "conf": conf})
+    assert status == 200, (status, run)
+    final = airflow_server.wait_run("semisup_retrain", run["dag_run_id"], timeout=1500)
+    print(f"\nsemisup_retrain through the REST API: {final['state']} in {time.monotonic() - started:.0f}s "
+          f"({_json.dumps(conf)})")
+    return {"run_id": run["dag_run_id"], "triggered": run, "run": final, "store": store, "conf": conf}
+
+
 _EXIT_STATUS: dict[str, int] = {}
 
 
