@@ -8,6 +8,8 @@ It registers:
   ``evaluate`` task. The view serves only the document whose URI that task returned
   (its result's ``report`` field) and requires the caller to be allowed to read the DAG's XComs: Airflow does
   not authenticate plugin apps itself.
+* an external view "semisup report" on every DAG run page (``destination="dag_run"``): the UI fills
+  ``{DAG_ID}`` and ``{RUN_ID}`` into its href and shows the same report as the evaluate task's link.
 * a ``semisup_run_prefix`` macro: ``{{ macros.semisup.semisup_run_prefix(params.store, run_id) }}``.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+REPORT_TASK_ID = "evaluate"  # the task of semisup_retrain whose result names the run's report
 RESULT_XCOM_KEY = "return_value"  # the evaluate stage's result document; its "report" field is the URI
 MAX_REPORT_BYTES = 20 * 1024 * 1024
 
@@ -92,6 +95,13 @@ def create_app() -> Any:
 class SemisupPlugin(AirflowPlugin):
     name = "semisup"
     macros = [semisup_run_prefix]
+    # the run's report from the DAG run page; the UI substitutes {DAG_ID} and {RUN_ID} (URL-encoded)
+    external_views = [{
+        "name": "semisup report",
+        "href": f"/semisup/dags/{{DAG_ID}}/runs/{{RUN_ID}}/tasks/{REPORT_TASK_ID}/report",
+        "destination": "dag_run",
+        "url_route": "semisup_report",
+    }]
 
     @property
     def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
