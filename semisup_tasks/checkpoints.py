@@ -15,6 +15,9 @@ import logging
 from .store import Store
 
 log = logging.getLogger("semisup.checkpoints")
+#: what a resume reads; a checkpoint without one of them (another layout) is not resumed
+FIELDS = frozenset({"model", "optimizer", "scheduler", "epoch_generator", "generator", "epoch", "batch", "step",
+                    "losses", "processes", "tag", "shape"})
 
 
 class StoreCheckpoints:
@@ -31,11 +34,15 @@ class StoreCheckpoints:
 
         if not self.store.exists(self.key):
             return None
+        data = self.store.read_bytes(self.key)  # a store error fails the task (retried): the progress stays
         try:
-            state = torch.load(io.BytesIO(self.store.read_bytes(self.key)), map_location="cpu", weights_only=True)
-        except Exception as exc:  # an unreadable checkpoint costs the progress it held, never the run
-            log.warning("ignoring the unreadable checkpoint %s (%s); training starts over",
-                        self.store.url(self.key), exc.__class__.__name__)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            missing = FIELDS - set(state)
+        except Exception as exc:  # corrupt bytes cost the progress they held, never the run
+            missing, state = {exc.__class__.__name__}, {}
+        if missing:
+            log.warning("ignoring the unreadable checkpoint %s (%s); training starts over", self.store.url(self.key),
+                        ", ".join(sorted(missing)))
             return None
         if state.get("tag") != self.tag or state.get("shape") != shape:
             log.info("ignoring %s: it belongs to other params or data; training starts over", self.store.url(self.key))

@@ -24,6 +24,10 @@ STAGE_NAMES = ("plan", *TRAINING_STAGES[:3], "score", "thresholds", "filter", "s
 OPTIONAL_DAY = r"^(|\d{4}-\d{2}-\d{2})$"
 
 
+#: params that change how a run goes, not what it computes: changing them redoes no committed stage
+OPERATIONAL_PARAMS = ("checkpoint_every_steps",)
+
+
 class ConfigError(ValueError):
     """A parameter a user can fix."""
 

@@ -124,6 +124,7 @@ def _source_images(src: Store, listing: list[str] | None = None) -> list[str]:
 
 
 ARCHIVE_SUFFIXES = (".tar", ".parquet")
+_SUFFIXES = "/".join(IMAGE_SUFFIXES)  # for messages: ".png/.jpg/..."
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")  # img2dataset names the column after the encoding
 
 
@@ -216,7 +217,11 @@ class _Skips:
     def add(self, key: str, reason: str, detail: str | None = None) -> None:
         self.reasons[reason] += 1
         if self.count <= _MAX_SKIP_WARNINGS:
-            logger.warning("Skipping %s: %s", self.src.url(key), detail or reason)
+            try:
+                where = self.src.url(key)
+            except StoreError:  # a name the store refuses (control characters) is itself why it is skipped
+                where = repr(key)
+            logger.warning("Skipping %s: %s", where, detail or reason)
         elif self.count == _MAX_SKIP_WARNINGS + 1:
             logger.warning("More unusable images; only their counts per reason are reported")
 
@@ -435,7 +440,7 @@ def import_imagefolder(
     src = _open_source(root)
     keys = _source_images(src)
     if not keys:
-        raise ConfigError(f"Folder {root} has no .png/.jpg/.jpeg images; point --root at a folder with one "
+        raise ConfigError(f"Folder {root} has no {_SUFFIXES} images; point --root at a folder with one "
                           "subfolder of images per class.")
     classes, entries = _layout(root, keys, _empty_class_dirs(src, keys))
     place = {key: (label, split) for key, label, split in entries}
@@ -604,7 +609,7 @@ def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAU
     listing = src.list()
     keys, archives = _source_images(src, listing), _source_archives(listing)
     if not keys and not archives:
-        raise ConfigError(f"Folder {source} has no .png/.jpg/.jpeg images and no .tar or .parquet shards; point "
+        raise ConfigError(f"Folder {source} has no {_SUFFIXES} images and no .tar or .parquet shards; point "
                           "--source at the folder (or s3:// prefix) that holds the drop's images.")
     skips = _Skips(src)
     loose = ((key, data) for key, data, _ in _readable(src, keys, skips))
@@ -612,7 +617,7 @@ def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAU
     shards = _write_drop_shards(store, drop_id, itertools.chain(loose, packed), shard_size)
     if not shards:  # nothing was written, so no manifest and no debris: the same id can be imported again
         if not skips.count:
-            raise ConfigError(f"The {len(archives)} shard file(s) under {source} hold no .png/.jpg/.jpeg images; "
+            raise ConfigError(f"The {len(archives)} shard file(s) under {source} hold no {_SUFFIXES} images; "
                               "point --source at the folder (or s3:// prefix) that holds the drop's images.")
         raise ConfigError(f"None of the {skips.count} images under {source} is usable ({skips.summary()}); "
                           "check that they are complete PNG or JPEG files (loose, in tar shards, or in "

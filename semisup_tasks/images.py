@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .store import Store, join
 
 SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")  # the FORMATS below, by name
 DEFAULT_SHARD_SIZE = 2000
 # refuse decompression bombs early: 40M pixels is far beyond any training image. Pillow only warns
 # between this and twice it, so decode() refuses anything above it itself, from the header alone.

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import datasets
-from .config import TRAINING_STAGES, ConfigError, PipelineParams
+from .config import OPERATIONAL_PARAMS, TRAINING_STAGES, ConfigError, PipelineParams
 from .store import SUCCESS, Store, join, run_prefix
 
 log = logging.getLogger("semisup.stages")
@@ -76,7 +76,8 @@ class RunContext:
 
     def fingerprint(self) -> dict:
         """What a stage's output depends on besides its inputs: the params and the code."""
-        return {"params": self.params.to_dict(), "code_version": code_version()}
+        params = {k: v for k, v in self.params.to_dict().items() if k not in OPERATIONAL_PARAMS}
+        return {"params": params, "code_version": code_version()}
 
     def committed(self, stage_dir: str) -> dict | None:
         """The result a stage of this run recorded with these params, or None: the output of a
@@ -741,6 +742,8 @@ def run_stage(name: str, store: Store, run_id: str, params: dict, shards: list[s
     done = ctx.manifest_matches(stage_dir, fingerprint)
     if done is not None:
         log.info("%s already done for run %s with these params; skipping", name, run_id)
+        if name in TRAINING_STAGES and is_main():  # killed between its commit and the cleanup below
+            store.delete_prefix(ctx.key(stage_dir, "checkpoints"))
         return done
     log.info("running %s for run %s", name, run_id)
     result = ctx.commit(stage_dir, fingerprint, STAGES[name](ctx), started)

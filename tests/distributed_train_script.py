@@ -2,8 +2,9 @@
 
 Usage: [torchrun --nproc_per_node=N] distributed_train_script.py OUT.pt [CHECKPOINT_DIR [CRASH_AFTER]]
 
-With CHECKPOINT_DIR the training keeps its state there (every 2 steps) and resumes from it; with
-CRASH_AFTER rank 0 dies right after that many saves, and torchrun takes the other processes down.
+With CHECKPOINT_DIR the training keeps its state there (every 2 steps) and resumes from it, with dropout
+on (each process's RNG state is then part of the result); with CRASH_AFTER rank 0 dies right after that
+many saves, and torchrun takes the other processes down.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def train_once(out: str, checkpoint_dir: str | None = None, crash_after: int = 0
     recipe = Recipe(epochs=3, lr=0.05, batch_size=32, augment="affine", seed=7)
     torch.manual_seed(recipe.seed)
     model = build_model("cnn_small", 1, 3, (12, 12))
-    for module in model.modules():  # each process draws its own dropout masks: equal in law, not in value
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    if not checkpoint_dir:  # each process draws its own dropout masks: equal in law, not in value, to one process
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     x, y = data()
     checkpoints = None
     if checkpoint_dir:

@@ -212,10 +212,10 @@ IMPORT_CASES = [
     ("imagefolder-missing", ["import-imagefolder", "--name", "new", "--root", "{base}/nowhere"],
      ["{base}/nowhere", "does not exist", "existing local folder"]),
     ("imagefolder-empty", ["import-imagefolder", "--name", "new", "--root", "{base}/empty"],
-     ["{base}/empty", "no .png/.jpg/.jpeg images", "one subfolder of images per class"]),
+     ["{base}/empty", "no .png/.jpg/.jpeg/.webp/.gif/.bmp images", "one subfolder of images per class"]),
     ("imagefolder-class-folders-without-images", ["import-imagefolder", "--name", "new", "--root",
                                                   "{base}/no-images"],
-     ["{base}/no-images", "no .png/.jpg/.jpeg images", "one subfolder of images per class"]),
+     ["{base}/no-images", "no .png/.jpg/.jpeg/.webp/.gif/.bmp images", "one subfolder of images per class"]),
     ("imagefolder-images-only-at-root", ["import-imagefolder", "--name", "new", "--root", "{base}/flat"],
      ["{base}/flat", "no class subfolders", "one subfolder of images per class"]),
     ("imagefolder-a-single-class", ["import-imagefolder", "--name", "new", "--root", "{base}/parent"],
@@ -230,7 +230,7 @@ IMPORT_CASES = [
     ("drop-source-missing", ["import-drop", "--drop-id", "d3", "--source", "{base}/nowhere"],
      ["{base}/nowhere", "does not exist", "existing local folder"]),
     ("drop-source-without-images", ["import-drop", "--drop-id", "d3", "--source", "{base}/no-images"],
-     ["{base}/no-images", "no .png/.jpg/.jpeg images", "point --source at"]),
+     ["{base}/no-images", "no .png/.jpg/.jpeg/.webp/.gif/.bmp images", "point --source at"]),
     ("drop-bad-id", ["import-drop", "--drop-id", "a/b", "--source", "{base}/flat"], ["'a/b'", "letters, digits"]),
 ]
 XFAIL_IMPORT_CASES = [

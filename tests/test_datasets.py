@@ -121,7 +121,7 @@ def test_versions_latest_and_no_overwrite(store: Store, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
-        ({}, "has no .png/.jpg/.jpeg images"),
+        ({}, "has no .png/.jpg/.jpeg/.webp/.gif/.bmp images"),
         ({"loose.png": b"img"}, "has no class subfolders"),
         ({"a/x.png": b"img", "b/broken.png": b"garbage"},
          r"usable training images in 1 class folder\(s\) \(a; 1 images skipped: 1 not an image\)"),
@@ -201,7 +201,7 @@ def test_drop_errors(store: Store, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"Drop 'nope' is not in the store .*semisup import-drop"):
         datasets.load_drop_manifest(store, "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="has no .png/.jpg/.jpeg images"):
+    with pytest.raises(ConfigError, match="has no .png/.jpg/.jpeg/.webp/.gif/.bmp images"):
         datasets.import_drop(store, "empty", str(tmp_path / "empty"))
 
 

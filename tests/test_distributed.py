@@ -44,17 +44,22 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     fresh = build_model("cnn_small", 1, 3, (12, 12)).state_dict()
     assert any(not torch.allclose(fresh[k], v) for k, v in one["state"].items() if v.is_floating_point())
 
-    # rank 0 dies after its 4th save (mid-epoch, step 6 of 9); the rerun resumes both processes from it
+    # with dropout on, uninterrupted; then rank 0 dies after its 3rd save (epoch 2, batch 1 of 3: mid-epoch)
+    # and both processes resume from it, each with its own RNG state
+    run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "whole.pt"),
+         str(tmp_path / "whole-checkpoints")], tmp_path)
     ckpt = tmp_path / "checkpoints"
-    run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "dead.pt"), str(ckpt), "4"],
+    run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "dead.pt"), str(ckpt), "3"],
         tmp_path, expect_failure=True)
     assert (ckpt / "ddp-test.pt").exists() and not (tmp_path / "dead.pt").exists()
     log = run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "resumed.pt"),
                str(ckpt)], tmp_path)
-    assert "resuming at step 6 of 9" in log
+    assert "resuming at step 4 of 9 (epoch 2, batch 1)" in log
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
-    assert resumed["summary"] == two["summary"]
-    assert all(torch.equal(resumed["state"][k], v) for k, v in two["state"].items())
+    assert resumed["summary"] == whole["summary"]
+    assert all(torch.equal(resumed["state"][k], v) for k, v in whole["state"].items())
+    assert any(not torch.equal(whole["state"][k], v) for k, v in two["state"].items())  # dropout was on
 
 
 def test_a_training_stage_under_torchrun_writes_once_from_rank_0(tmp_path):

@@ -105,7 +105,7 @@ def test_three_days_make_three_drops_with_a_prefix_and_an_external_landing_root(
 def test_a_landed_folder_without_a_usable_image_fails_and_registers_nothing(tmp_path):
     store = Store.from_uri(f"file://{tmp_path}/store")
     store.write_bytes(f"landing/{DAYS[0]}/notes.txt", b"not an image")
-    with pytest.raises(ConfigError, match="no .png/.jpg/.jpeg images"):
+    with pytest.raises(ConfigError, match="no .png/.jpg/.jpeg/.webp/.gif/.bmp images"):
         ingest(store, DAYS[0])
     assert datasets.list_drops(store) == []
 

@@ -71,7 +71,8 @@ TRAININGS = {"array": _array_training, "stream": _stream_training}
 @pytest.mark.parametrize("source", sorted(TRAININGS))
 @pytest.mark.parametrize("crash_after", [1, 2, 3, 5])
 def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, source, crash_after):
-    """Checkpoints every 2 steps: saves 1, 2 and 5 fall mid-epoch, 3 at an epoch's end."""
+    """Checkpoints every 2 steps: in memory (3 batches an epoch) saves 1, 3 and 5 fall mid-epoch and 2 at an
+    epoch's end; from shards (5 batches) saves 1, 2 and 5 mid-epoch and 3 at an epoch's end."""
     store = Store.from_uri(f"file://{tmp_path}/store")
     run = TRAININGS[source]
     plain_model, plain = run(store)
@@ -95,6 +96,30 @@ def test_a_checkpoint_of_other_params_or_an_unreadable_one_is_not_resumed(tmp_pa
     store.write_bytes(key, b"\x00 half a checkpoint")
     model, _ = _array_training(store, StoreCheckpoints(store, key, "these params", every_steps=2))
     assert weights_digest(model) == weights_digest(plain_model)
+    buf = io.BytesIO()  # another layout (an older version's checkpoint): not resumed, no KeyError
+    torch.save({"model": plain_model.state_dict(), "tag": "these params"}, buf)
+    store.write_bytes(key, buf.getvalue())
+    model, _ = _array_training(store, StoreCheckpoints(store, key, "these params", every_steps=2))
+    assert weights_digest(model) == weights_digest(plain_model)
+
+
+def test_a_store_that_fails_to_read_the_checkpoint_fails_the_task_and_keeps_the_checkpoint(tmp_path):
+    """Starting over would overwrite good progress at the first save: the error goes to the task's retry."""
+    from semisup_tasks.store import FileStore, StoreError
+
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    key = "run/checkpoints/model.pt"
+    with pytest.raises(Crash):
+        _array_training(store, CrashingCheckpoints(store, key, "t", every_steps=2, crash_after=2))
+    saved = store.read_bytes(key)
+
+    class ReadsFail(FileStore):  # fault injection: the object is there, reading it fails (a timeout, a 503)
+        def read_bytes(self, key: str) -> bytes:
+            raise StoreError(f"Could not read {self.url(key)} (ReadTimeoutError)")
+
+    with pytest.raises(StoreError, match="ReadTimeoutError"):
+        _array_training(store, StoreCheckpoints(ReadsFail(tmp_path / "store"), key, "t", every_steps=2))
+    assert store.read_bytes(key) == saved
 
 
 def _saved_step(store: Store, key: str) -> int:
@@ -151,3 +176,20 @@ def test_a_sigkilled_training_stage_resumes_to_the_same_weights(tmp_path, seed):
     assert b["train"] == a["train"]
     assert not store.list("runs/killed/teacher/checkpoints")  # spent once the model is committed
     print(f"seed {seed}: SIGKILL once step {target} was saved; resumed at step {step} of 300, same weights")
+
+
+def test_checkpoint_frequency_redoes_nothing_and_leftover_checkpoints_are_cleared(tmp_path):
+    """How often to checkpoint is operational: changing it keeps every committed stage. A stage killed
+    between its commit and deleting its checkpoints deletes them on its next (skipping) attempt."""
+    from test_stages import params
+
+    from semisup_tasks.stages import run_stage
+
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    make_tiny(store)
+    run_stage("plan", store, "r", params(teacher_epochs=2))
+    first = run_stage("train-teacher", store, "r", params(teacher_epochs=2))
+    store.write_bytes("runs/r/teacher/checkpoints/teacher.pt", b"left by a kill after the commit")
+    again = run_stage("train-teacher", store, "r", params(teacher_epochs=2, checkpoint_every_steps=3))
+    assert again == first
+    assert not store.list("runs/r/teacher/checkpoints")

@@ -62,26 +62,11 @@ def test_keys_cannot_escape_the_root(key):
         clean_key(key)
 
 
-@pytest.mark.parametrize("key", ["a\x00b", "runs/x\n/y", "a/\x1b[31mred"])
+@pytest.mark.parametrize("key", ["a\x00b", "runs/x\n/y", "a/\x1b[31mred", "a\x7fb", "a\x85b"])
 def test_keys_with_control_characters_are_refused(key, tmp_path):
     with pytest.raises(StoreError, match="control character"):
         Store.from_uri(f"file://{tmp_path}/root").write_bytes(key, b"1")
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*"))
-
-
-def test_a_symbolic_link_cannot_lead_out_of_the_store(tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("not for the store")
-    store = Store.from_uri(f"file://{tmp_path}/root")
-    store.write_bytes("runs/ok.txt", b"1")
-    (tmp_path / "root" / "runs" / "escape").symlink_to(outside)
-    for action in (lambda: store.read_bytes("runs/escape/secret.txt"),
-                   lambda: store.write_bytes("runs/escape/planted.txt", b"x")):
-        with pytest.raises(StoreError, match="outside the store root through a symbolic link"):
-            action()
-    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
-    assert store.read_bytes("runs/ok.txt") == b"1"
 
 
 def test_keys_are_literal_not_url_decoded(tmp_path):
