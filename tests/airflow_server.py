@@ -155,8 +155,9 @@ class AirflowServer:
 
     def processes(self) -> list[int]:
         """Live processes of this server: its standalone process group, and any process whose
-        environment or command line names this server's private AIRFLOW_HOME (task processes run
-        in process groups of their own)."""
+        environment, command line or working directory names this server's private AIRFLOW_HOME
+        (task processes run in process groups of their own; setproctitle overwrites the environment
+        block of the api-server's workers, but they keep standalone's working directory)."""
         pgid = self.proc.pid if self.proc is not None else None
         marker_env = f"AIRFLOW_HOME={self.home}".encode()
         marker = f"{self.home}{os.sep}".encode()
@@ -176,13 +177,14 @@ class AirflowServer:
                     continue
                 environ = (entry / "environ").read_bytes().split(b"\0")
                 cmdline = (entry / "cmdline").read_bytes()
+                cwd = os.readlink(entry / "cwd")
             except (OSError, ValueError, IndexError):
                 continue  # gone, or not ours to read
-            if marker_env in environ or marker in cmdline:
+            if marker_env in environ or marker in cmdline or f"{cwd}{os.sep}".startswith(marker.decode()):
                 found.append(pid)
         return found
 
-    def stop(self, *, grace: float = 20, check: bool = True) -> None:
+    def stop(self, *, grace: float = 10, check: bool = True) -> None:
         """SIGTERM to everything of this server, then SIGKILL to what is left; raises if any survives."""
         if self.proc is None:
             return

@@ -61,8 +61,22 @@ def airflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
     server = AirflowServer(tmp_path_factory.mktemp("airflow-server") / "airflow", parallelism=2)
     server.start(timeout=300, dag_ids=("semisup_retrain",))
+    _LIVE_AIRFLOW.append(server)
     yield server
-    server.stop()
+    if server in _LIVE_AIRFLOW:
+        _LIVE_AIRFLOW.remove(server)
+        server.stop()
+
+
+_LIVE_AIRFLOW: list = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the Airflow server right after the last test that uses it (its tests sort next to each
+    other: test_rest_*): even idle it re-parses DAGs and heartbeats on CI's two cores."""
+    if _LIVE_AIRFLOW and nextitem is not None and "airflow_server" not in nextitem.fixturenames:
+        _LIVE_AIRFLOW.pop().stop()
 
 
 @pytest.fixture(scope="session")
