@@ -258,14 +258,18 @@ def keep_candidates(table: pa.Table, threshold_bin: list[int] | np.ndarray) -> p
     return table.filter(pa.array(keep))
 
 
-def selection_stats(selection: pa.Table, num_classes: int, k: int) -> dict:
+def selection_stats(selection: pa.Table, num_classes: int, k: int, policy: str = "topk") -> dict:
+    """Per-class counts, each class's lowest kept score and its shortfall against K (None for the
+    threshold policy, which has no K; for noisy_student counted in distinct rows, before the repeats,
+    whose number ``duplicated_rows`` gives)."""
+    _check_policy(policy)
     counts = np.bincount(selection.column("cls").to_numpy(), minlength=num_classes).tolist()
     thresholds: list[float | None] = [None] * num_classes
     if selection.num_rows:
         grouped = selection.group_by("cls").aggregate([("score", "min")])
         for c, s in zip(grouped.column("cls").to_pylist(), grouped.column("score_min").to_pylist(), strict=True):
             thresholds[c] = float(s)
-    return {
+    stats = {
         "k": k,
         "selected_pairs": selection.num_rows,
         "unique_images": len(pc.unique(selection.column("image_id"))) if selection.num_rows else 0,
@@ -273,3 +277,159 @@ def selection_stats(selection: pa.Table, num_classes: int, k: int) -> dict:
         "shortfall": [max(0, k - c) for c in counts],
         "threshold": thresholds,
     }
+    if policy == "threshold":
+        stats.update(k=None, shortfall=[None] * num_classes)
+    elif policy == "noisy_student":
+        distinct = distinct_rows(selection)
+        unique = np.bincount(distinct.column("cls").to_numpy(), minlength=num_classes).tolist()
+        stats.update(distinct_per_class_count=unique, shortfall=[max(0, k - c) for c in unique],
+                     duplicated_rows=selection.num_rows - distinct.num_rows)
+    return stats
+
+
+# --- selection policies other than the paper's top-K (the method study) -------------------------------------
+#
+# ``topk`` (the paper, above) ranks every top-P row. The others label each image with its teacher's top-1
+# class only (Noisy Student's rule; an image whose top two scores tie takes the smaller class):
+#
+# * ``threshold``: every top-1 row scoring at least ``confidence_threshold``; no balancing.
+# * ``random``: per class, K rows drawn uniformly among the images whose top-1 class it is (every
+#   confidence), a baseline for "does ranking by confidence matter". Drawn among top-1 rows, not
+#   top-P rows, so an image is drawn for at most one class and a class is not filled with images
+#   the teacher ranks elsewhere. The draw is a seeded hash of the image id, so it does not depend
+#   on the order or grouping of the score files; equal draws (24-bit) go to the smaller image id.
+# * ``noisy_student``: top-1 rows scoring at least ``confidence_threshold``, then every class brought to
+#   exactly K: its K most confident rows when it has more, all of them repeated round-robin up to K
+#   when it has fewer (Noisy Student's filter_unlabel.py duplicates with randomized rounding; here the
+#   repeats are deterministic). A class without an eligible row stays empty.
+#
+# Sharded like top-K: the filter map step keeps a group's eligible rows (for random and noisy_student
+# only its per-class top K by draw or score, a superset of its part of the global top K, so the select
+# step reads at most groups * C * K rows), and :func:`select_by_policy` reduces them.
+
+POLICIES = ("topk", "threshold", "random", "noisy_student")
+SCORE_SCHEMA = pa.schema([("image_id", pa.string()), ("cls", pa.int32()), ("score", pa.float32()),
+                          ("shard", pa.string())])
+DRAW_BITS = 24  # a float32 holds every multiple of 2**-24 in [0, 1) exactly
+
+
+def top1_rows(table: pa.Table) -> pa.Table:
+    """Each image's highest-scoring row (ties: the smaller class), in the table's row order."""
+    if table.num_rows == 0:
+        return table
+    codes = pc.dictionary_encode(table.column("image_id")).combine_chunks().indices.to_numpy()
+    score = _checked_scores(table.column("score").to_numpy())
+    cls = table.column("cls").to_numpy()
+    order = np.lexsort((cls, -score, codes))
+    first = np.r_[True, np.diff(codes[order]) != 0]
+    return table.take(pa.array(np.sort(order[first])))
+
+
+def eligible(table: pa.Table, policy: str, confidence_threshold: float) -> pa.Table:
+    """The rows a non-top-K policy may pick: top-1 rows, and for threshold and noisy_student only
+    those scoring at least ``confidence_threshold``. Idempotent: eligible rows stay eligible."""
+    _check_policy(policy, allow_topk=False)
+    table = top1_rows(table)
+    if policy in ("threshold", "noisy_student") and table.num_rows:
+        table = table.filter(pc.greater_equal(table.column("score"), pa.scalar(confidence_threshold, pa.float32())))
+    return table
+
+
+def draws(image_ids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """A uniform float32 in [0, 1) per image id, fixed by (seed, id): SipHash keyed by the seed."""
+    from pandas.util import hash_array
+
+    ids = np.asarray(image_ids.to_pylist() if len(image_ids) else [], dtype=object)
+    hashed = hash_array(ids, hash_key=f"{int(seed) % 10**16:016d}", categorize=False)
+    return (hashed >> np.uint64(64 - DRAW_BITS)).astype(np.float32) * np.float32(2.0**-DRAW_BITS)
+
+
+def _by_draw(table: pa.Table, seed: int) -> pa.Table:
+    """The table ranked by its draws: ``score`` holds the draw, the teacher's score moves aside."""
+    draw = pa.array(draws(table.column("image_id"), seed), pa.float32())
+    i = table.schema.get_field_index("score")
+    return table.set_column(i, "score", draw).append_column("teacher_score", table.column("score"))
+
+
+def _by_score(table: pa.Table) -> pa.Table:
+    i = table.schema.get_field_index("score")
+    return table.set_column(i, "score", table.column("teacher_score")).drop_columns(["teacher_score"])
+
+
+def _top_k_or_empty(tables: Iterable[pa.Table], k: int, schema: pa.Schema) -> pa.Table:
+    """:func:`select`, but no rows at all give an empty table instead of an error."""
+    seen = [0]
+
+    def counted():
+        for t in tables:
+            seen[0] += t.num_rows
+            if t.num_rows:
+                yield t
+    try:
+        return select(counted(), k)[0]
+    except ValueError:
+        if seen[0]:
+            raise
+        return schema.empty_table()
+
+
+def _check_policy(policy: str, allow_topk: bool = True) -> None:
+    if policy not in POLICIES or (policy == "topk" and not allow_topk):
+        raise ValueError(f"Unknown selection policy {policy!r}; use one of {', '.join(POLICIES[not allow_topk:])}.")
+
+
+def candidates_by_policy(tables: Iterable[pa.Table], policy: str, k: int, seed: int,
+                         confidence_threshold: float) -> pa.Table:
+    """The filter map step for a non-top-K policy over one group's score tables (see above)."""
+    _check_policy(policy, allow_topk=False)
+    tables = (eligible(t, policy, confidence_threshold) for t in tables)
+    if policy == "threshold":
+        parts = [t for t in tables if t.num_rows]
+        return pa.concat_tables(parts) if parts else SCORE_SCHEMA.empty_table()
+    if policy == "random":
+        drawn = _top_k_or_empty((_by_draw(t, seed) for t in tables), k,
+                                SCORE_SCHEMA.append(pa.field("teacher_score", pa.float32())))
+        return _by_score(drawn)
+    return _top_k_or_empty(tables, k, SCORE_SCHEMA)
+
+
+def select_by_policy(tables: Iterable[pa.Table], policy: str, k: int, seed: int,
+                     confidence_threshold: float) -> tuple[pa.Table, dict]:
+    """The select reduce step for a non-top-K policy, over score tables or the filter step's candidates
+    (the same result either way). Sorted by class, then score descending, then image id, except that
+    noisy_student's repeats follow their class's distinct rows. Returns (selection, {"rows_scored": n})."""
+    rows = [0]
+
+    def counted():
+        for t in tables:
+            rows[0] += t.num_rows
+            yield t
+    picked = candidates_by_policy(counted(), policy, k, seed, confidence_threshold)
+    if picked.num_rows:
+        picked = picked.sort_by(SORT_KEYS)
+    if policy == "noisy_student" and picked.num_rows:
+        picked = balance_by_repeating(picked, k)
+    return picked, {"rows_scored": rows[0]}
+
+
+def balance_by_repeating(table: pa.Table, k: int) -> pa.Table:
+    """Every class of ``table`` (sorted by class, at most k rows each) brought to exactly k rows: a class
+    with n < k rows repeats them round-robin (row j of its block is its row j mod n)."""
+    cls = table.column("cls").to_numpy()
+    starts = np.r_[0, np.flatnonzero(np.diff(cls)) + 1]
+    counts = np.diff(np.r_[starts, len(cls)])
+    if (counts > k).any():
+        raise ValueError(f"A class has more than K={k} rows to balance; keep its K best first.")
+    take = np.concatenate([start + np.arange(k) % n for start, n in zip(starts, counts, strict=True)])
+    return table.take(pa.array(take))
+
+
+def distinct_rows(selection: pa.Table) -> pa.Table:
+    """The selection without repeated (image, class) rows, keeping the first of each, in order."""
+    if selection.num_rows == 0:
+        return selection
+    codes = pc.dictionary_encode(selection.column("image_id")).combine_chunks().indices.to_numpy()
+    pair = codes.astype(np.int64) * (int(selection.column("cls").to_numpy().max()) + 1) + \
+        selection.column("cls").to_numpy()
+    _, first = np.unique(pair, return_index=True)
+    return selection.take(pa.array(np.sort(first)))
