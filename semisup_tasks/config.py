@@ -73,6 +73,16 @@ class PipelineParams:
     k: int = _p(250, "Images kept per class (top-K).", "Selection", type="integer", minimum=1)
     p: int = _p(3, "Classes kept per image (top-P); must not exceed the number of classes.", "Selection",
                 type="integer", minimum=1)
+    selection_policy: str = _p("topk", "How the pseudo-labeled set is chosen: topk (the paper: the K best-scoring "
+                                       "images per class over every image's top-P classes), threshold (every image "
+                                       "whose top-1 score is at least confidence_threshold, unbalanced), random (K "
+                                       "images per class drawn at random, seeded, among those whose top-1 class it "
+                                       "is) or noisy_student (top-1 score at least confidence_threshold, then every "
+                                       "class brought to exactly K: its most confident, or all of them repeated).",
+                               "Selection", type="string", enum=["topk", "threshold", "random", "noisy_student"])
+    confidence_threshold: float = _p(0.3, "Lowest top-1 score kept by the threshold and noisy_student selection "
+                                          "policies (Noisy Student used 0.3 on ImageNet); unused by topk and random.",
+                                     "Selection", type="number", minimum=0, maximum=1)
     max_score_tasks: int = _p(512, "At most this many mapped score tasks: larger pools get larger shard groups "
                                    "(Airflow's max_map_length is 1024).", "Selection", type="integer", minimum=1,
                               maximum=1024)

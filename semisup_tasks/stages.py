@@ -442,9 +442,17 @@ def thresholds_stage(ctx: RunContext) -> dict:
                    histogram(ctx.store.read_table(k, columns=["cls", "score"]) for k in keys))
 
     cut = thresholds(group_histograms, ctx.params.k, len(ctx.dataset()["classes"]))
+    policy = ctx.params.selection_policy
+    if policy != "topk":  # the score-bin cut is top-K's: the other policies filter by their own rule
+        cut = {"policy": policy, "k": ctx.params.k, "confidence_threshold": ctx.params.confidence_threshold,
+               "seed": ctx.params.seed, "rows": cut["rows"]}
     cut["scores"], cut["groups_sha256"] = prefix, _digest(groups)
-    cut["digest"] = _digest(cut)
+    cut["digest"] = _digest(cut)  # names the filter's outputs: covers the policy and its settings
     ctx.store.write_json(ctx.key("thresholds", "thresholds.json"), cut)
+    if policy != "topk":
+        log.info("thresholds: %d rows scored; selection policy %s filters them itself", sum(cut["rows"]), policy)
+        return {"thresholds": ctx.store.url(ctx.key("thresholds", "thresholds.json")), "digest": cut["digest"],
+                "rows": sum(cut["rows"]), "candidates": None, "policy": policy}
     log.info("thresholds: %d of %d rows are candidates for the top %d", sum(cut["candidates"]), sum(cut["rows"]),
              ctx.params.k)
     return {"thresholds": ctx.store.url(ctx.key("thresholds", "thresholds.json")), "digest": cut["digest"],
@@ -459,7 +467,8 @@ def _thresholds(ctx: RunContext) -> dict:
 
 
 def filter_candidates(ctx: RunContext, group: int) -> dict:
-    """The second map step: the group's rows that can still rank in their class's top K, in one file."""
+    """The second map step: the group's rows that can still rank in their class's top K, in one file
+    (for another selection policy: the rows it may still pick, see :func:`select.candidates_by_policy`)."""
     from .select import keep_candidates
 
     cut = _thresholds(ctx)
@@ -469,35 +478,54 @@ def filter_candidates(ctx: RunContext, group: int) -> dict:
     shards = ctx.shard_groups()[group]
     keys = list(_score_keys(ctx, shards, cut["scores"]).values())
     _missing(ctx, keys, "score", "score tasks")
-    parts = [keep_candidates(ctx.store.read_table(k), cut["threshold_bin"]) for k in keys]
-    candidates = pa.concat_tables(parts)
+    if cut.get("policy", "topk") == "topk":
+        candidates = pa.concat_tables([keep_candidates(ctx.store.read_table(k), cut["threshold_bin"]) for k in keys])
+    else:
+        from .select import candidates_by_policy
+
+        candidates = candidates_by_policy((ctx.store.read_table(k) for k in keys), cut["policy"], cut["k"],
+                                          cut["seed"], cut["confidence_threshold"])
     ctx.store.write_table(key, candidates)
     return {"candidates": ctx.store.url(key), "rows": candidates.num_rows}
 
 
 def select_stage(ctx: RunContext) -> dict:
-    from .select import select, selection_stats
+    """The last reduce: the selection policy over the filter tasks' candidates (``select/``)."""
+    from .select import distinct_rows, select, select_by_policy, selection_stats
 
     cut = _thresholds(ctx)
+    policy = cut.get("policy", "topk")
     keys = [_candidates_key(ctx, cut, g) for g in range(len(ctx.shard_groups()))]
     _missing(ctx, keys, "candidate", "filter tasks")
     ds = ctx.dataset()
     num_classes = len(ds["classes"])
-    selection, counts = select((ctx.store.read_table(k) for k in keys), ctx.params.k)
+    tables = (ctx.store.read_table(k) for k in keys)
+    if policy == "topk":
+        selection, counts = select(tables, ctx.params.k)
+    else:
+        selection, counts = select_by_policy(tables, policy, cut["k"], cut["seed"], cut["confidence_threshold"])
     untaught = [c for c, n in enumerate(ds["splits"]["train"]["class_counts"]) if n == 0]
     if untaught:  # the teacher never saw an example: its top picks there are noise the student would learn
         taught = pc.invert(pc.is_in(selection.column("cls"), pa.array(untaught, selection.column("cls").type)))
         selection = selection.filter(taught)
         log.warning("classes %s have no labeled training image: none of their pseudo-labels is kept",
                     ", ".join(ds["classes"][c] for c in untaught))
-    stats = selection_stats(selection, num_classes, ctx.params.k)
+    stats = selection_stats(selection, num_classes, ctx.params.k, policy)
     stats["untaught_classes"] = untaught
     rows = sum(cut["rows"])
     stats.update(p=ctx.params.p, rows_scored=rows, images_scored=rows // ctx.params.p,
-                 candidates=counts["rows_scored"], candidates_per_class=cut["candidates"],
-                 min_score_kept=cut["min_score_kept"])
+                 candidates=counts["rows_scored"], candidates_per_class=cut.get("candidates"),
+                 min_score_kept=cut.get("min_score_kept"), policy=policy)
+    if policy in ("threshold", "noisy_student"):
+        stats["confidence_threshold"] = cut["confidence_threshold"]
+    if policy == "random":
+        stats["seed"] = cut["seed"]
+    if policy in ("threshold", "noisy_student") and selection.num_rows == 0:
+        log.warning("no image's top-1 score reaches confidence_threshold=%s: the selection is empty",
+                    cut["confidence_threshold"])
     ctx.store.write_table(ctx.key("select", "selection.parquet"), selection)
-    stats["samples"] = _write_samples(ctx, selection, ds)
+    # repeats would only show the same picks twice
+    stats["samples"] = _write_samples(ctx, distinct_rows(selection) if policy == "noisy_student" else selection, ds)
     ctx.store.write_json(ctx.key("select", "stats.json"), stats)
     short = sum(1 for s in stats["shortfall"] if s)
     log.info("selected %d pairs (%d images); %d classes short of K", stats["selected_pairs"],
