@@ -150,9 +150,11 @@ def selection_items(metrics: dict) -> list[tuple[str, str]]:
     short_text = str(len(short))
     if short:
         short_text += f" ({_name_list(classes, short)})"
-    items = [("K (per class)", fmt_int(sel.get("k"))), ("P (per image)", fmt_int(sel.get("p"))),
+    policy = sel.get("policy") or "topk"
+    items = [("policy", policy), ("K (per class)", fmt_int(sel.get("k"))), ("P (per image)", fmt_int(sel.get("p"))),
              ("images scored", fmt_int(sel.get("images_scored"))),
-             ("candidates after the score-bin filter", fmt_int(sel.get("candidates"))),
+             ("candidates after the score-bin filter" if policy == "topk" else "candidates kept by the filter",
+              fmt_int(sel.get("candidates"))),
              ("pairs selected", fmt_int(sel.get("selected_pairs"))),
              ("unique images", fmt_int(sel.get("unique_images"))),
              ("classes short of K", short_text),

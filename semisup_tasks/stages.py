@@ -576,7 +576,9 @@ def materialize(ctx: RunContext) -> dict:
         raise ConfigError(f"Run {ctx.run_id!r} has no selection yet; run the select stage first.")
     selection = ctx.store.read_table(ctx.key("select", "selection.parquet"), columns=["image_id", "shard", "cls"])
     if selection.num_rows == 0:
-        raise ConfigError("The selection is empty: the teacher selected no image; check the drops and K.")
+        hint = ("lower confidence_threshold" if ctx.params.selection_policy in ("threshold", "noisy_student")
+                else "check the drops and K")
+        raise ConfigError(f"The selection is empty: the teacher selected no image; {hint}.")
     half = ctx.params.materialize_memory_mb << 19  # bytes: half for the spill buffer, half for one bucket
     width = ds["channels"] * ds["image_size"][0] * ds["image_size"][1]
     manifest = write_training_shards(ctx.store, ctx.key("trainset"), selection, ds["channels"],

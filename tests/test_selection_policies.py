@@ -197,3 +197,13 @@ def test_pipeline_trains_the_student_on_what_the_policy_selected(tmp_path, polic
         assert stats["duplicated_rows"] == selection.num_rows - stats["unique_images"]
     metrics = store.read_json("runs/pol/evaluate/metrics.json")
     assert metrics["models"]["student"]["top1"] is not None
+
+
+def test_a_threshold_nothing_reaches_ends_in_one_sentence_naming_the_threshold(tmp_path):
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    make_tiny(store)
+    with pytest.raises(ConfigError, match="selection is empty.*lower confidence_threshold"):
+        run_pipeline(store, "r", params(oracle=False, selection_policy="threshold", confidence_threshold=1.0,
+                                        teacher_epochs=1, pretrain_epochs=1, finetune_epochs=1))
+    stats = store.read_json("runs/r/select/stats.json")
+    assert stats["policy"] == "threshold" and stats["selected_pairs"] == 0
