@@ -41,7 +41,7 @@ POINTER = "champion.json"
 #: to 6e-8, so a difference within this is rounding, never a decision. One image of a val split of up to
 #: 2 million images is still more than this.
 _EPSILON = 5e-7
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")  # what a dataset name may be: a model is named after its dataset
 _VERSION_RE = re.compile(r"v[1-9][0-9]*")
 
 
@@ -57,7 +57,7 @@ def model_name(dataset: str) -> str:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise RegistryError(f"The model name {name!r} is not valid; use letters, digits, '.', '_' and '-' only.")
     return name
 
@@ -162,16 +162,19 @@ def resolve(store: Store, name: str, ref: str) -> str:
 def register(store: Store, name: str, model_bytes: bytes, card: dict) -> str:
     """Store a model and its card as the next version; returns the version.
 
-    Idempotent per run: a card whose ``run_id`` is already registered returns that version, so an
-    Airflow retry never creates a duplicate. The model is written before the card, and only a
+    Idempotent per run and model: a card whose ``run_id`` and weights are already registered returns that
+    version, so an Airflow retry never creates a duplicate; the same run id rerun with other params (other
+    weights) registers its new student as a new version. The model is written before the card, and only a
     version with a card exists, so a crash in between leaves a folder the retry reuses.
     """
     run_id = card.get("run_id")
     if not run_id:
         raise RegistryError("A model card needs the run_id of the run that produced the model.")
+    weights = (card.get("model") or {}).get("weights_sha256")
     have = versions(store, name)
     for version in reversed(have):  # the newest first: a retry registers right after its first attempt
-        if store.read_json(_version_key(name, version, CARD)).get("run_id") == run_id:
+        known = store.read_json(_version_key(name, version, CARD))
+        if known.get("run_id") == run_id and (known.get("model") or {}).get("weights_sha256") == weights:
             return version
     version = f"v{int(have[-1][1:]) + 1 if have else 1}"
     model_key = _version_key(name, version, MODEL)
@@ -215,12 +218,14 @@ def gate(challenger: dict, champion_card: dict | None, margin: float) -> tuple[b
     if margin < 0:
         raise RegistryError(f"The promotion margin must be at least 0, got {margin}.")
     new = challenger.get("version", "the challenger")
+    new_val, old_val = _val(challenger), _val(champion_card)
+    if new_val is None:  # not even a first champion: a model nobody measured is promoted by hand only
+        old = "no model" if champion_card is None else champion_card.get("version", "the champion")
+        return False, (f"{new} has no validation top-1 (empty val split), so it cannot be compared; {old} stays "
+                       f"champion (promote {new} by hand if it should be)")
     if champion_card is None:
         return True, f"{new} is the first champion (no champion to beat)"
     old = champion_card.get("version", "the champion")
-    new_val, old_val = _val(challenger), _val(champion_card)
-    if new_val is None:
-        return False, f"{new} has no validation top-1 (empty val split), so it cannot be compared; {old} stays champion"
     if old_val is None:
         return False, (f"champion {old} has no validation top-1 to compare with, so {old} stays champion; "
                        f"promote {new} by hand if it is better")
@@ -381,7 +386,7 @@ def register_run(store: Store, name: str, *, model_bytes: bytes, model_card: dic
     decision = {"name": name, "version": version, "run_id": run_id, "promoted": promoted, "reason": reason,
                 "margin": margin, "challenger_val_top1": _val(challenger),
                 "champion": old.get("version") if old else None, "champion_val_top1": _val(old),
-                "champion_reevaluated": bool(old and old["metrics"]["val"].get("reevaluated")),
+                "champion_reevaluated": bool(old and (old["metrics"].get("val") or {}).get("reevaluated")),
                 "decided_at": _now()}
     store.write_json(_version_key(name, version, GATE), decision)
     return decision

@@ -235,6 +235,10 @@ def plan(ctx: RunContext) -> dict:
         if ds["splits"][split]["count"] == 0:
             raise ConfigError(f"Dataset {ds['name']!r} version {ds['version']} has no {split} images; "
                               "re-import it with a non-empty train and test split.")
+    if p.teacher != "train":  # a missing champion or version fails here, before any model trains
+        from . import registry
+
+        registry.resolve(ctx.store, registry.model_name(ds["name"]), p.teacher)
     drop_ids, manifests = _select_drops(ctx.store, p)
     shards = [s["key"] for m in manifests for s in m["shards"]]
     size = max(p.shards_per_task, -(-len(shards) // p.max_score_tasks))  # bounded mapped-task count

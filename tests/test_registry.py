@@ -386,3 +386,38 @@ def test_runs_register_their_students_and_the_champion_teaches_the_next_run(tmp_
     assert run_pipeline(store, "r2", params(oracle=False, teacher="champion", promotion_margin=1.0))[
         "registered"] == second
     assert registry.versions(store, "tiny") == ["v1", "v2"]
+
+
+def test_the_same_run_id_rerun_with_other_weights_registers_a_new_version(store):
+    first = run(store, "r1", 0.5, seed=0)
+    again = run(store, "r1", 0.5, seed=0)  # a retry: the same weights
+    rerun = run(store, "r1", 0.9, seed=1)  # the run id rerun with other params: another student
+    assert first["version"] == again["version"] == "v1" and rerun["version"] == "v2"
+    assert rerun["promoted"] is True and registry.champion(store, NAME)["version"] == "v2"
+
+
+def test_a_first_model_without_validation_top1_is_not_made_champion(store):
+    decision = run(store, "r1", None)
+    assert decision["promoted"] is False and "no validation top-1" in decision["reason"]
+    assert registry.champion(store, NAME) is None
+    assert run(store, "r2", 0.7)["promoted"] is True
+
+
+@pytest.mark.parametrize("dataset", ["_demo", "a.b-c", "9x"])
+def test_every_dataset_name_is_a_model_name(dataset):
+    from semisup_tasks.datasets import _check_name
+
+    assert registry.model_name(_check_name("dataset", dataset)) == dataset
+
+
+def test_a_teacher_that_is_not_registered_fails_the_plan_before_any_training(tmp_path):
+    from test_stages import make_tiny, params
+
+    from semisup_tasks.stages import run_stage
+
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    make_tiny(store)
+    for teacher, fragment in (("champion", "has no champion"), ("v7", "v7")):
+        with pytest.raises(RegistryError, match=fragment):
+            run_stage("plan", store, f"r-{teacher}", params(teacher=teacher))
+        assert not store.list(f"runs/r-{teacher}")
