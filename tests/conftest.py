@@ -105,6 +105,20 @@ def semisup_rest_run(airflow_server, tmp_path_factory: pytest.TempPathFactory) -
     return {"run_id": run["dag_run_id"], "triggered": run, "run": final, "store": store, "conf": conf}
 
 
+@pytest.fixture(params=["file", "s3"])
+def file_or_s3_store(request: pytest.FixtureRequest, tmp_path):
+    """An empty store, once on the embedded file store and once on the S3 test server."""
+    from semisup_tasks.store import Store
+
+    if request.param == "file":
+        return Store.from_uri(f"file://{tmp_path}/store")
+    request.getfixturevalue("s3_server")
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="semisup-test")
+    return Store.from_uri("s3://semisup-test/store")
+
+
 _EXIT_STATUS: dict[str, int] = {}
 
 

@@ -42,15 +42,9 @@ def snapshot(store: Store, prefix: str) -> dict[str, bytes]:
     return {k: store.read_bytes(k) for k in store.list(prefix)}
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path) -> Store:
-    if request.param == "file":
-        return Store.from_uri(f"file://{tmp_path}/store")
-    request.getfixturevalue("s3_server")
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="ingest")
-    return Store.from_uri("s3://ingest/store")
+@pytest.fixture
+def store(file_or_s3_store: Store) -> Store:
+    return file_or_s3_store
 
 
 # -- ingest --------------------------------------------------------------------------------------

@@ -26,15 +26,9 @@ CLASSES = ["left", "middle", "right"]
 NAME = "tiny"
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path) -> Store:
-    if request.param == "file":
-        return Store.from_uri(f"file://{tmp_path}/store")
-    request.getfixturevalue("s3_server")
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="registry")
-    return Store.from_uri("s3://registry/store")
+@pytest.fixture
+def store(file_or_s3_store: Store) -> Store:
+    return file_or_s3_store
 
 
 def model(seed: int):
