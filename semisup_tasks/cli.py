@@ -49,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True,
                    help="local folder or s3:// prefix: images, WebDataset .tar shards or img2dataset .parquet shards")
 
+    p = sub.add_parser("import-weak-labels", help="import a drop's weak labels (noisy tags such as hashtags) from a "
+                                                  "path,label CSV, for the semi-weakly supervised teacher "
+                                                  "(weak_pretrain_epochs)")
+    _store_arg(p)
+    p.add_argument("--drop-id", required=True, help="a committed drop")
+    p.add_argument("--csv", required=True,
+                   help="local CSV file with the header path,label: the image's path inside the drop as imported, "
+                        "its class name (empty: no tag); images it does not name get no tag")
+    p.add_argument("--dataset", required=True, help="the labeled dataset whose class names the labels are")
+    p.add_argument("--dataset-version", default="latest", help="its version (default: latest)")
+
     p = sub.add_parser("ingest", help="register what landed under LANDING/<YYYY-MM-DD>/ as drop <prefix><YYYY-MM-DD> "
                                       "(idempotent; a day with nothing landed is not an error)")
     _store_arg(p)
@@ -60,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="build the MNIST demo dataset and drops (no download)")
     _store_arg(p)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weak-noise", type=float, default=None, metavar="NOISE",
+                   help="also write weak labels for the drops, simulated from their true labels with this fraction "
+                        "of wrong tags (for weak_pretrain_epochs)")
 
     p = sub.add_parser("stage", help="run one pipeline stage (what the Airflow operator calls)")
     p.add_argument("name", help="stage name, e.g. train-teacher, score, select")
@@ -162,14 +176,22 @@ def main(argv: list[str] | None = None) -> int:
             from .datasets import import_drop
 
             _emit(import_drop(store, args.drop_id, args.source), None)
+        elif args.command == "import-weak-labels":
+            from .datasets import import_weak_labels, load_dataset_manifest
+
+            classes = load_dataset_manifest(store, args.dataset, args.dataset_version)["classes"]
+            _emit(import_weak_labels(store, args.drop_id, args.csv, classes), None)
         elif args.command == "ingest":
             from .ingest import ingest
 
             _emit(ingest(store, args.date, landing=args.landing, drop_prefix=args.drop_prefix), None)
         elif args.command == "demo-data":
-            from .demo import build_demo
+            from .demo import build_demo, build_weak_labels
 
-            _emit(build_demo(store, seed=args.seed), None)
+            summary = build_demo(store, seed=args.seed)
+            if args.weak_noise is not None:
+                summary["weak_labels"] = build_weak_labels(store, noise=args.weak_noise, seed=args.seed)
+            _emit(summary, None)
         elif args.command == "stage":
             from .distributed import init_from_env, is_main
             from .stages import run_stage

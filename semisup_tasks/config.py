@@ -94,6 +94,10 @@ class PipelineParams:
                                     type="integer", minimum=16)
     # training
     teacher_epochs: int = _p(40, "Teacher epochs on the labeled train split.", "Training", type="integer", minimum=1)
+    weak_pretrain_epochs: int = _p(0, "Semi-weakly supervised: first pre-train the teacher this many epochs on the "
+                                      "drops' weak labels (weak/drops/<id>.parquet, see semisup import-weak-labels), "
+                                      "then train it on the labeled set with finetune_lr; 0: off.", "Training",
+                                   type="integer", minimum=0)
     pretrain_epochs: int = _p(10, "Student pre-training epochs on the selected set.", "Training",
                               type="integer", minimum=1)
     finetune_epochs: int = _p(40, "Fine-tuning epochs on the labeled set (the baseline uses the same).",

@@ -7,6 +7,7 @@ Layout (DESIGN.md section 3)::
     drops/<drop_id>/shards/part-NNNNN.parquet                  image shards (label always null)
     drops/<drop_id>/_SUCCESS.json                              manifest, written last
     truth/drops/<drop_id>.parquet                              true labels of a drop, when known (demo)
+    weak/drops/<drop_id>.parquet                               weak labels of a drop (noisy tags, -1 = none)
 
 Consumers read only what a committed manifest lists, so a crash mid-import leaves nothing a stage
 would use; the next import of the same version or drop clears that debris first.
@@ -14,6 +15,7 @@ would use; the next import of the same version or drop clears that debris first.
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import logging
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TRUTH_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32())])
+WEAK_SCHEMA = TRUTH_SCHEMA  # weak labels sit beside a drop exactly as its true labels do
+NO_TAG = -1  # weak label of an image without a usable tag
 DISTRACTOR = -1  # truth label of a wild image that belongs to no class
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -73,6 +77,10 @@ def drop_prefix(drop_id: str) -> str:
 
 def truth_key(drop_id: str) -> str:
     return join("truth", "drops", f"{drop_id}.parquet")
+
+
+def weak_labels_key(drop_id: str) -> str:
+    return join("weak", "drops", f"{drop_id}.parquet")
 
 
 def drop_image_id(drop_id: str, relative_path: str) -> str:
@@ -658,3 +666,113 @@ def load_truth(store: Store, drop_ids: Iterable[str]) -> pa.Table | None:
         if store.exists(key):
             tables.append(store.read_table(key).select(["image_id", "label"]).cast(TRUTH_SCHEMA))
     return pa.concat_tables(tables) if tables else None
+
+
+# -- weak labels (semi-weakly supervised: noisy tags such as hashtags) ---------------------------
+def write_weak_labels(store: Store, drop_id: str, image_ids: Sequence[str], labels: Sequence[int]) -> str:
+    """Weak labels of a drop's images (class indices, NO_TAG for none), beside the unlabeled shards like
+    its true labels; replaces earlier ones. Returns the key written."""
+    _check_name("drop id", drop_id)
+    ids, values = list(image_ids), [int(v) for v in labels]
+    if len(ids) != len(values):
+        raise ValueError(f"{len(ids)} image ids but {len(values)} weak labels for drop {drop_id!r}")
+    repeated = next((i for i, n in Counter(ids).items() if n > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"Image {repeated!r} has more than one weak label in drop {drop_id!r}; give each image "
+                          "one label.")
+    bad = next((v for v in values if v < NO_TAG), None)
+    if bad is not None:
+        raise ConfigError(f"Weak label {bad} of drop {drop_id!r} is not a class index; use 0 or more, or "
+                          f"{NO_TAG} for no tag.")
+    key = weak_labels_key(drop_id)
+    store.write_table(key, pa.table({"image_id": ids, "label": values}, schema=WEAK_SCHEMA))
+    return key
+
+
+def load_weak_labels(store: Store, drop_ids: Iterable[str]) -> pa.Table | None:
+    """Weak labels of the given drops that have them, concatenated; None when none has."""
+    tables = []
+    for drop_id in drop_ids:
+        key = weak_labels_key(_check_name("drop id", drop_id))
+        if store.exists(key):
+            tables.append(store.read_table(key).select(["image_id", "label"]).cast(WEAK_SCHEMA))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _drop_image_ids(store: Store, manifest: dict) -> list[str]:
+    return [i for s in manifest["shards"] for i in store.read_table(s["key"], columns=["image_id"])
+            .column("image_id").to_pylist()]
+
+
+def _read_weak_csv(csv_source: str) -> list[tuple[int, str, str]]:
+    """(line number, path, class name) of each row of a ``path,label`` CSV file."""
+    from pathlib import Path
+
+    path = Path(csv_source.removeprefix("file://"))
+    if not path.is_file():
+        raise ConfigError(f"CSV file {csv_source} does not exist; pass a local file with the header path,label.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte order mark is no column name
+    except UnicodeDecodeError:
+        raise ConfigError(f"CSV file {csv_source} is not UTF-8 text; save it as UTF-8 CSV with the header "
+                          "path,label.") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [c.strip() for c in next(reader, [])]
+        if header != ["path", "label"]:
+            shown = ",".join(header) if header else "nothing"
+            raise ConfigError(f"CSV file {csv_source} starts with {shown!r}, not the header path,label; make its "
+                              "first line path,label (the image's path inside the drop, its class name).")
+        rows = []
+        for cells in reader:
+            if not any(c.strip() for c in cells):
+                continue  # a blank line (often the last one)
+            if len(cells) != 2:
+                raise ConfigError(f"Line {reader.line_num} of {csv_source} has {len(cells)} field(s), not 2 "
+                                  "(path,label); quote a path or class name that holds a comma.")
+            rows.append((reader.line_num, cells[0].strip(), cells[1].strip()))
+    except csv.Error as exc:
+        raise ConfigError(f"Line {reader.line_num} of {csv_source} is not valid CSV ({exc}); fix it and import "
+                          "again.") from None
+    return rows
+
+
+def import_weak_labels(store: Store, drop_id: str, csv_source: str, classes: list[str]) -> dict:
+    """Weak labels of a committed drop from a ``path,label`` CSV file (local path).
+
+    ``path`` is the image's path inside the drop as imported (its id is ``drop_image_id(drop_id, path)``),
+    ``label`` a class name from ``classes`` (the labeled dataset's); an empty label means no usable tag.
+    The drop's images the file does not name get no tag (-1). An unknown class name or path, a path
+    listed twice or a missing drop is refused, naming the first offending line, and nothing is written;
+    importing again replaces the drop's weak labels.
+    """
+    manifest = load_drop_manifest(store, drop_id)  # a missing drop: one sentence, before the file is read
+    rows = _read_weak_csv(csv_source)
+    index = {str(c): i for i, c in enumerate(classes)}
+    ids = _drop_image_ids(store, manifest)
+    known = set(ids)
+    first_line: dict[str, int] = {}
+    tags: dict[str, int] = {}
+    for line, rel, name in rows:
+        if rel in first_line:
+            raise ConfigError(f"Line {line} of {csv_source} lists {rel!r} again (first on line {first_line[rel]}); "
+                              "give each image one label.")
+        first_line[rel] = line
+        image_id = drop_image_id(drop_id, rel)
+        if image_id not in known:
+            example = ids[0][len(drop_id) + 1:] if ids else ""
+            raise ConfigError(f"Line {line} of {csv_source} names {rel!r}, which is not an image of drop "
+                              f"{drop_id!r}; paths are relative to the drop's source as imported (like "
+                              f"{example!r}).")
+        if name and name not in index:
+            shown = ", ".join(list(index)[:10]) + (", ..." if len(index) > 10 else "")
+            raise ConfigError(f"Line {line} of {csv_source} has the label {name!r}, which is not a class of the "
+                              f"dataset ({shown}); use a class name or leave the label empty for no tag.")
+        tags[image_id] = index[name] if name else NO_TAG
+    labels = [tags.get(i, NO_TAG) for i in ids]
+    key = write_weak_labels(store, drop_id, ids, labels)
+    labeled = sum(1 for v in labels if v != NO_TAG)
+    logger.info("Wrote weak labels of drop %s: %d of %d images tagged", drop_id, labeled, len(ids))
+    return {"drop_id": drop_id, "weak_labels": store.url(key), "rows": len(rows), "images": len(ids),
+            "labeled": labeled, "untagged": len(ids) - labeled,
+            "classes_tagged": len({v for v in labels if v != NO_TAG})}

@@ -6,6 +6,7 @@ frequent class down to 8 for the rarest, geometric), and everything left as the 
 pool, mixed with ~10% synthetic distractors (shapes and noise that are no digit) and split into
 two drops. The pool's true labels go only to ``truth/drops/<drop_id>.parquet`` (-1 for a
 distractor), which the oracle and the selection-quality report read; the drop shards hold none.
+:func:`build_weak_labels` adds simulated weak labels (noisy tags) for the semi-weakly supervised teacher.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .datasets import (
     write_dataset,
     write_drop,
     write_truth,
+    write_weak_labels,
 )
 from .images import encode_png
 from .store import SUCCESS, Store, join
@@ -201,3 +203,40 @@ def build_demo(store: Store, seed: int = 0, name: str = "mnist-demo") -> dict:
     logger.info("Built demo data in %s: train %s, drops %s, %d distractors", store.uri,
                 summary["train_class_counts"], summary["drops"], summary["distractors"])
     return summary
+
+
+def build_weak_labels(store: Store, noise: float = 0.3, seed: int = 0) -> dict:
+    """Write weak labels (``weak/drops/<drop_id>.parquet``) for the demo drops, for ``weak_pretrain_epochs``.
+
+    They are SIMULATED from the drops' true labels (the demo has no real tags such as hashtags): each
+    digit keeps its true class with probability ``1 - noise``, otherwise gets a uniformly random other
+    class; each distractor gets a uniformly random class (tags on irrelevant images are noise too).
+    The same ``noise`` and ``seed`` give the same labels, so calling it again changes nothing; other
+    values replace them. Needs the demo built (:func:`build_demo`).
+    """
+    if not 0 <= noise <= 1:
+        raise ConfigError(f"Weak-label noise must be between 0 and 1, got {noise!r}.")
+    num_classes = len(CLASSES)
+    drops, kept, digits, tagged = {}, 0, 0, 0
+    for n, drop_id in enumerate(DROPS):
+        truth = load_truth(store, [drop_id]) if store.exists(join(drop_prefix(drop_id), SUCCESS)) else None
+        if truth is None:
+            raise ConfigError(f"The demo drop {drop_id!r} (or its true labels) is not in {store.uri}; build the demo "
+                              f"first with `semisup demo-data --store {store.uri}`.")
+        labels = truth.column("label").to_numpy().astype(np.int64)
+        rng = np.random.default_rng([seed, 2, n])  # one stream per drop: a drop's tags do not depend on another's
+        flip = rng.random(len(labels)) < noise
+        other = (labels + rng.integers(1, num_classes, len(labels))) % num_classes  # never the true class
+        random_class = rng.integers(0, num_classes, len(labels))
+        digit = labels != DISTRACTOR
+        weak = np.where(digit, np.where(flip, other, labels), random_class)
+        write_weak_labels(store, drop_id, truth.column("image_id").to_pylist(), weak.tolist())
+        drops[drop_id] = len(weak)
+        tagged += len(weak)
+        digits += int(digit.sum())
+        kept += int((weak[digit] == labels[digit]).sum())
+    correct = kept / digits if digits else None
+    logger.info("Wrote simulated weak labels (noise %.2f, seed %d) for %s: %.1f%% of the digits tagged right",
+                noise, seed, ", ".join(drops), 100 * (correct or 0))
+    return {"drops": drops, "labeled": tagged, "correct_fraction": correct, "noise": noise, "seed": seed,
+            "simulated": True}

@@ -110,12 +110,15 @@ class RunContext:
 def _recipe(params: PipelineParams, stage: str):
     from .train import Recipe
 
-    finetune = stage in ("train-baseline", "finetune-student", "oracle-finetune")
-    labeled = stage in ("train-teacher", "train-baseline", "finetune-student", "oracle-finetune")
+    finetune = stage in ("train-baseline", "finetune-student", "oracle-finetune", "teacher-weak-finetune")
+    labeled = stage in ("train-teacher", "train-baseline", "finetune-student", "oracle-finetune",
+                        "teacher-weak-finetune")
     epochs = {"train-teacher": params.teacher_epochs, "pretrain-student": params.pretrain_epochs,
-              "oracle-pretrain": params.pretrain_epochs}.get(stage, params.finetune_epochs)
+              "oracle-pretrain": params.pretrain_epochs, "teacher-weak": params.weak_pretrain_epochs,
+              "teacher-weak-finetune": params.teacher_epochs}.get(stage, params.finetune_epochs)
+    # each training has its own seed: a new one gets a new offset, an existing one never changes
     offset = {"train-teacher": 1, "train-baseline": 2, "pretrain-student": 3, "finetune-student": 4,
-              "oracle-pretrain": 5, "oracle-finetune": 6}[stage]
+              "oracle-pretrain": 5, "oracle-finetune": 6, "teacher-weak": 7, "teacher-weak-finetune": 8}[stage]
     return Recipe(epochs=epochs, lr=params.finetune_lr if finetune else params.lr, batch_size=params.batch_size,
                   optimizer=params.optimizer, weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
                   augment=params.augment, balanced_sampling=params.balanced_sampling and labeled,
@@ -308,7 +311,8 @@ def gate_decision(new_images: int, min_new_images: int, champion: str | None) ->
 
 def train_labeled(ctx: RunContext, stage: str) -> dict:
     """Teacher and baseline: trained from scratch on the labeled train split; or the teacher taken from
-    the model registry (``teacher=champion`` or a version), to iterate the method."""
+    the model registry (``teacher=champion`` or a version), to iterate the method; or, with
+    ``weak_pretrain_epochs``, the teacher pre-trained on the drops' weak labels first."""
     ds = ctx.dataset()
     if stage == "train-teacher" and ctx.params.teacher != "train":
         from . import registry
@@ -318,11 +322,55 @@ def train_labeled(ctx: RunContext, stage: str) -> dict:
         data, source = registry.teacher_checkpoint(ctx.store, registry.model_name(ds["name"]), ctx.params.teacher, ds)
         model, ckpt = load_checkpoint(data)
         return {**_save_model(ctx, "teacher", model, ckpt["arch"], ds, {"source": source}), "source": source}
+    if stage == "train-teacher" and ctx.params.weak_pretrain_epochs > 0:
+        return _train_teacher_weak(ctx, ds)
     arch = ctx.params.teacher_arch if stage == "train-teacher" else ctx.params.student_arch
     x, y, _ = datasets.load_split(ctx.store, ds, "train")
     name = MODEL_STAGES[stage]
     model, summary = _train_new(ctx, name, arch, ds, x, y, _recipe(ctx.params, stage), name)
     return _save_model(ctx, name, model, arch, ds, summary)
+
+
+def _weak_rows(ctx: RunContext, ds: dict) -> tuple[pa.Table, list[str]]:
+    """(image_id, shard, label) of the pool's images that have a usable weak label, sorted by image id,
+    and the plan's drops that have weak labels."""
+    p, drops = ctx.params, ctx.plan()["drops"]
+    weak = datasets.load_weak_labels(ctx.store, drops)
+    if weak is None:
+        raise ConfigError(f"There are no weak labels for drops {', '.join(drops)} (weak_pretrain_epochs="
+                          f"{p.weak_pretrain_epochs}); import them with `semisup import-weak-labels` or set "
+                          "weak_pretrain_epochs=0.")
+    have = [d for d in drops if ctx.store.exists(datasets.weak_labels_key(d))]
+    weak = weak.filter(pc.greater_equal(weak.column("label"), 0))  # -1: no usable tag
+    top = pc.max(weak.column("label")).as_py() if weak.num_rows else None
+    if top is not None and top >= len(ds["classes"]):
+        raise ConfigError(f"The weak labels of drops {', '.join(have)} hold class index {top}, but dataset "
+                          f"{ds['name']!r} {ds['version']} has {len(ds['classes'])} classes; import them again "
+                          "with `semisup import-weak-labels --dataset` naming this dataset.")
+    rows = _pool_rows(ctx).join(weak, "image_id", join_type="inner").sort_by("image_id")
+    if rows.num_rows == 0:
+        raise ConfigError(f"The weak labels of drops {', '.join(have)} tag no image of the run's drops; import "
+                          "weak labels that name their images or set weak_pretrain_epochs=0.")
+    return rows, have
+
+
+def _train_teacher_weak(ctx: RunContext, ds: dict) -> dict:
+    """Semi-weakly supervised teacher: pre-trained on the pool's weak labels (noisy tags), then fine-tuned
+    on the labeled train split (the paper's weakly-supervised pre-training of the teacher)."""
+    from .train import train
+
+    rows, have = _weak_rows(ctx, ds)
+    x, y = _images_and_labels(ctx.store, rows, "label", ds)
+    arch = ctx.params.teacher_arch
+    model, pre = _train_new(ctx, "teacher", arch, ds, x, y, _recipe(ctx.params, "teacher-weak"), "teacher_weak")
+    del x, y
+    lx, ly, _ = datasets.load_split(ctx.store, ds, "train")
+    fine = train(model, lx, ly, _recipe(ctx.params, "teacher-weak-finetune"), name="teacher",
+                 checkpoints=_checkpoints(ctx, "teacher", "teacher"))
+    log.info("teacher pre-trained on %d weakly labeled images of %s, then fine-tuned", rows.num_rows,
+             ", ".join(have))
+    return _save_model(ctx, "teacher", model, arch, ds,
+                       {"weak_pretrain": pre, "finetune": fine, "weak_images": rows.num_rows, "weak_drops": have})
 
 
 def _score_shards(ctx: RunContext, shards: list[str], score_keys: dict[str, str]) -> dict:
