@@ -90,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True)
     p.add_argument("--params-json", default="{}")
 
+    p = sub.add_parser("experiments", help="the paper's study in miniature: a grid of settings x seeds, aggregated "
+                                           "into REPRODUCTION.md and plots (what the semisup_experiments DAG runs)")
+    exp = p.add_subparsers(dest="experiments_command", required=True)
+    for action, text in (("run", "run (or resume) a whole experiment in this process, then aggregate it"),
+                         ("aggregate", "aggregate the finished cells again (results.json, plots, REPRODUCTION.md)"),
+                         ("export", "copy REPRODUCTION.md, results.json and the plots to a local folder")):
+        e = exp.add_parser(action, help=text)
+        _store_arg(e)
+        e.add_argument("--experiment", required=True, help="experiment id: experiments/<id>/ in the store")
+        if action == "run":
+            e.add_argument("--grid", default="default",
+                           help="a named grid (default: ~1 h on 2 CPU cores; ci: minutes) or a JSON grid file")
+        if action in ("run", "aggregate"):
+            e.add_argument("--notes", default=None,
+                           help="JSON file {finding id: why it does not agree}, shown in REPRODUCTION.md")
+        if action in ("run", "export"):
+            e.add_argument("--to", default=None if action == "run" else ".", dest="export_to",
+                           help="local folder to copy REPRODUCTION.md, results.json and plots/ into")
+
     p = sub.add_parser("report", help="print a run's report")
     _store_arg(p)
     p.add_argument("--run", default="latest", help="run id, or 'latest'")
@@ -115,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _params(text: str) -> dict:
+def _params(text: str, what: str = "--params-json") -> dict:
     try:
         params = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--params-json is not valid JSON ({exc.msg} at character {exc.pos}); pass a JSON "
+        raise ConfigError(f"{what} is not valid JSON ({exc.msg} at character {exc.pos}); pass a JSON "
                           "object like '{\"k\": 100}'.") from None
     if not isinstance(params, dict):
-        raise ConfigError(f"--params-json must be a JSON object like '{{\"k\": 100}}', got {text!r}.")
+        raise ConfigError(f"{what} must be a JSON object like '{{\"k\": 100}}', got {text!r}.")
     return params
 
 
@@ -210,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = load_metrics(store, args.run)
             print(json.dumps(metrics, indent=2, sort_keys=True) if args.format == "json" else render_table(metrics))
+        elif args.command == "experiments":
+            _experiments(store, args)
         elif args.command == "models":
             from .registry import models_command
 
@@ -221,6 +242,24 @@ def main(argv: list[str] | None = None) -> int:
         _termination_message(line)
         return USER_ERROR
     return 0
+
+
+def _experiments(store: Store, args: argparse.Namespace) -> None:
+    from . import experiments
+
+    notes = None
+    if getattr(args, "notes", None):
+        notes = _params(Path(args.notes).read_text(encoding="utf-8"), "--notes")
+    if args.experiments_command == "run":
+        result = experiments.run_experiment(store, args.experiment, args.grid, notes=notes)
+    elif args.experiments_command == "aggregate":
+        result = experiments.aggregate(store, args.experiment, notes=notes)
+    else:
+        result = {}
+    folder = getattr(args, "export_to", None)  # run: only with --to; export: always
+    if folder:
+        result["exported"] = experiments.export(store, args.experiment, folder)
+    _emit(result, None)
 
 
 TERMINATION_LOG = Path("/dev/termination-log")

@@ -445,7 +445,7 @@ def run_transfer(store: Store, experiment: str, seed: str | int) -> dict:
     return record
 
 
-def run_experiment(store: Store, experiment: str, grid: str | dict) -> dict:
+def run_experiment(store: Store, experiment: str, grid: str | dict, notes: dict[str, str] | None = None) -> dict:
     """The whole experiment in this process, in order (what the DAG does with mapped tasks)."""
     started = time.time()
     ids = prepare(store, experiment, grid)
@@ -455,7 +455,7 @@ def run_experiment(store: Store, experiment: str, grid: str | dict) -> dict:
         run_cell(store, experiment, cell)
     for seed in ids["transfer"]:
         run_transfer(store, experiment, seed)
-    summary = aggregate(store, experiment)
+    summary = aggregate(store, experiment, notes)
     log.info("experiment %s finished in %.0f s", experiment, time.time() - started)
     return summary
 
