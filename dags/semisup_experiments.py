@@ -16,11 +16,12 @@ seeds, and aggregates them into mean ± std per setting, one plot per study and 
    filter, select, materialize, pre-train, fine-tune, evaluate) in run `exp-<experiment>-<cell>`.
    A setting that selects nothing is recorded as failed, not retried.
 4. **transfer** — per seed, the base student, the baseline and a fresh model fine-tuned on another task.
-5. **aggregate** — `results.json`, `plots/*.png`, `REPRODUCTION.md`.
+5. **aggregate** — `results.json`, `plots/*.png`, `REPRODUCTION.md` (also when the grid has no transfer).
 
-The same `experiment` id resumes: finished shared models and cells are read back, not rerun. On 2 CPU
-cores the default grid takes about an hour; `SEMISUP_EXPERIMENTS_QUEUE` sends the training tasks to
-GPU workers and `SEMISUP_EXPERIMENTS_PARALLELISM` runs that many at once.
+`grid` is a named grid or your own as a JSON object (a file path is refused: it would read the
+worker's files). The same `experiment` id resumes: finished shared models and cells are read back,
+not rerun. On 2 CPU cores the default grid takes about an hour; `SEMISUP_EXPERIMENTS_QUEUE` sends
+the training tasks to GPU workers and `SEMISUP_EXPERIMENTS_PARALLELISM` runs that many at once.
 """
 
 from __future__ import annotations

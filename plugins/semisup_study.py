@@ -22,8 +22,8 @@ from semisup_tasks.config import ConfigError
 
 #: cells of one experiment running at once (each one trains on every core it finds)
 PARALLELISM = int(os.environ.get("SEMISUP_EXPERIMENTS_PARALLELISM", "1"))
-#: the worker queue of the training tasks: point it at GPU workers (CeleryExecutor) for the full grid
-QUEUE = os.environ.get("SEMISUP_EXPERIMENTS_QUEUE", "default")
+#: the worker queue of the training tasks, e.g. GPU workers under CeleryExecutor; unset: the default queue
+QUEUE = {"queue": os.environ["SEMISUP_EXPERIMENTS_QUEUE"]} if os.environ.get("SEMISUP_EXPERIMENTS_QUEUE") else {}
 
 
 def experiment_params(grid: str = "default") -> dict[str, Param]:
@@ -74,7 +74,11 @@ def prepare() -> dict:
     from semisup_tasks import experiments
 
     store, experiment = _where()
-    return experiments.prepare(store, experiment, get_current_context()["params"]["grid"])
+    grid = get_current_context()["params"]["grid"]
+    if isinstance(grid, str) and grid not in experiments.GRIDS:  # a file path would read the worker's files
+        raise ConfigError(f"Grid {grid!r} is not a named grid ({', '.join(experiments.GRIDS)}); pass one of those "
+                          "or the grid itself as a JSON object.")
+    return experiments.prepare(store, experiment, grid)
 
 
 @task(task_id="ids")
@@ -83,7 +87,7 @@ def ids(prepared: dict, what: str) -> list[str]:
     return list(prepared[what])
 
 
-@task(task_id="shared_model", queue=QUEUE, max_active_tis_per_dagrun=PARALLELISM, map_index_template="{{ job }}")
+@task(task_id="shared_model", **QUEUE, max_active_tis_per_dagrun=PARALLELISM, map_index_template="{{ job }}")
 @_user_errors
 def shared_model(job: str) -> dict:
     from semisup_tasks import experiments
@@ -93,7 +97,7 @@ def shared_model(job: str) -> dict:
     return experiments.run_shared(store, experiment, job)
 
 
-@task(task_id="cell", queue=QUEUE, max_active_tis_per_dagrun=PARALLELISM, map_index_template="{{ cell }}")
+@task(task_id="cell", **QUEUE, max_active_tis_per_dagrun=PARALLELISM, map_index_template="{{ cell }}")
 @_user_errors
 def cell(cell: str) -> dict:
     from semisup_tasks import experiments
@@ -104,7 +108,7 @@ def cell(cell: str) -> dict:
     return {k: record.get(k) for k in ("cell", "seed", "points", "error", "seconds")}
 
 
-@task(task_id="transfer", queue=QUEUE, max_active_tis_per_dagrun=PARALLELISM, map_index_template="seed {{ seed }}")
+@task(task_id="transfer", **QUEUE, max_active_tis_per_dagrun=PARALLELISM, map_index_template="seed {{ seed }}")
 @_user_errors
 def transfer(seed: str) -> dict:
     from semisup_tasks import experiments
@@ -114,7 +118,7 @@ def transfer(seed: str) -> dict:
     return experiments.run_transfer(store, experiment, seed)
 
 
-@task(task_id="aggregate")
+@task(task_id="aggregate", trigger_rule="none_failed")  # a grid without transfer skips the (empty) transfer map
 @_user_errors
 def aggregate() -> dict:
     from semisup_tasks import experiments

@@ -53,6 +53,7 @@ NO_TAG = -1  # weak label of an image without a usable tag
 DISTRACTOR = -1  # truth label of a wild image that belongs to no class
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+DERIVED = "_DERIVED.json"  # marks a drop that copies part of another (list_drops leaves it out)
 _VERSION_RE = re.compile(r"v(\d+)")
 # S3 reads are latency-bound, so a few in flight keep the import from waiting on each round trip
 _READ_WORKERS = 8
@@ -594,13 +595,19 @@ def write_drop(
     shard_size: int = DEFAULT_SHARD_SIZE,
     skipped: int = 0,
     skipped_reasons: Mapping[str, int] | None = None,
+    derived_from: str | None = None,
 ) -> dict:
-    """Write one drop from (relative path, encoded bytes) rows: shards, then the manifest last."""
+    """Write one drop from (relative path, encoded bytes) rows: shards, then the manifest last.
+
+    ``derived_from``: the drop is a copy of part of that drop (an experiment's smaller pool). It is
+    marked so, and :func:`list_drops` leaves it out: a run over every drop never pools a copy."""
     _check_name("drop id", drop_id)
     reasons = _reasons_json(skipped, skipped_reasons)  # checked before anything is written
     shards = _write_drop_shards(store, drop_id, rows, shard_size)
     if not shards:
         raise ConfigError(f"Drop {drop_id!r} from {source} has no images.")
+    if derived_from is not None:  # before the manifest: a committed derived drop is always marked
+        store.write_json(join(drop_prefix(drop_id), DERIVED), {"derived_from": derived_from})
     return _commit_drop(store, drop_id, shards, skipped, reasons, source)
 
 
@@ -637,9 +644,10 @@ def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAU
 
 
 def list_drops(store: Store) -> list[str]:
-    """Ids of the committed drops, sorted."""
-    keys = store.list("drops")
-    return sorted(k.split("/")[1] for k in keys if k.count("/") == 2 and k.endswith("/" + SUCCESS))
+    """Ids of the committed drops, sorted; derived drops (copies of part of a drop) left out."""
+    keys = [k for k in store.list("drops") if k.count("/") == 2]
+    derived = {k.split("/")[1] for k in keys if k.endswith("/" + DERIVED)}
+    return sorted(k.split("/")[1] for k in keys if k.endswith("/" + SUCCESS) and k.split("/")[1] not in derived)
 
 
 def load_drop_manifest(store: Store, drop_id: str) -> dict:

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from . import datasets
 from .config import ConfigError, PipelineParams
@@ -51,15 +52,14 @@ METRICS = ("top1", "top5", "balanced_accuracy", "tail_recall")
 DEFAULT_GRID: dict[str, Any] = {
     "dataset": "mnist-demo",
     "seeds": [0, 1, 2],
-    # lighter than the demo's defaults (40/10/40 epochs): the grid has ~20 settings x 3 seeds
-    "base": {"k": 250, "p": 3, "teacher_arch": "cnn_medium", "student_arch": "cnn_small",
-             "teacher_epochs": 30, "pretrain_epochs": 6, "finetune_epochs": 20, POOL_FRACTION: 1.0},
+    # the demo's own recipe (make demo), so the base cell of seed 0 is the README's demo run
+    "base": {"k": 250, "p": 3, "teacher_arch": "cnn_medium", "student_arch": "cnn_small", POOL_FRACTION: 1.0},
     "studies": {
         "k": [60, 125, 250, 500],
         "p": [1, 2, 5, 10],
         POOL_FRACTION: [0.25, 0.5, 1.0],
         "teacher_arch": ["cnn_small", "cnn_medium", "cnn_large"],
-        "pretrain_epochs": [3, 6, 12],
+        "pretrain_epochs": [5, 10, 20],
         "selection_policy": ["topk", "threshold", "random", "noisy_student"],
         "weak_pretrain_epochs": [0, 3],
     },
@@ -80,12 +80,24 @@ CI_GRID: dict[str, Any] = {
     "transfer": {"target": "shapes-demo", "epochs": 2},
 }
 
-GRIDS = {"default": DEFAULT_GRID, "ci": CI_GRID}
+#: the default grid's studies at the paper's proportions, for GPU workers: deeper models, longer training, 5 seeds
+FULL_GRID: dict[str, Any] = {
+    **DEFAULT_GRID,
+    "seeds": [0, 1, 2, 3, 4],
+    "base": {"k": 250, "p": 3, "teacher_arch": "resnet50", "student_arch": "resnet18", "teacher_epochs": 40,
+             "pretrain_epochs": 30, "finetune_epochs": 40, POOL_FRACTION: 1.0},
+    "studies": {**DEFAULT_GRID["studies"], "k": [60, 125, 250, 500, 1000],
+                "teacher_arch": ["resnet18", "resnet34", "resnet50"], "pretrain_epochs": [10, 30, 90],
+                "weak_pretrain_epochs": [0, 10]},
+}
+
+GRIDS = {"default": DEFAULT_GRID, "ci": CI_GRID, "full": FULL_GRID}
 
 #: params each shared model depends on (with the seed): cells equal in these share the model
 TEACHER_INPUTS = ("dataset", "dataset_version", "teacher_arch", "teacher_epochs", "lr", "optimizer", "weight_decay",
                   "batch_size", "warmup_epochs", "augment", "balanced_sampling", "seed", "weak_pretrain_epochs")
-WEAK_TEACHER_INPUTS = ("drops", "finetune_lr")  # a weakly pre-trained teacher also reads the drops' tags
+# a weakly pre-trained teacher also reads the tags of the run's drops (which drops_last/drops_since narrow)
+WEAK_TEACHER_INPUTS = ("drops", "drops_last", "drops_since", "finetune_lr")
 BASELINE_INPUTS = ("dataset", "dataset_version", "student_arch", "finetune_epochs", "finetune_lr", "optimizer",
                    "weight_decay", "batch_size", "warmup_epochs", "augment", "balanced_sampling", "seed")
 SHARED_STAGES = {"teacher": ("train-teacher", "teacher"), "baseline": ("train-baseline", "baseline"),
@@ -147,25 +159,32 @@ def load_grid(grid: str | dict) -> dict:
     return out
 
 
-def _cell_params(grid: dict, setting: dict, seed: int, drops: list[str]) -> dict:
-    """The pipeline params of one cell: the setting (minus the pool fraction), the seed and its drops."""
+def _cell_params(grid: dict, setting: dict, seed: int, drops: list[str], version: str | None = None) -> dict:
+    """The pipeline params of one cell: the setting (minus the pool fraction), the seed and its drops;
+    ``version`` pins ``dataset_version: latest``, so a version imported mid-experiment changes nothing."""
     setting = dict(setting)
-    fraction = setting.pop(POOL_FRACTION, 1.0)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ConfigError(f"Grid value pool_fraction must be a number in (0, 1], got {fraction!r}.")
+    _fraction(setting.pop(POOL_FRACTION, 1.0))  # checked here; the cell's drops carry it
     for key in ("seed", "drops", "oracle", "min_new_images", "teacher"):
         if key in setting:
             raise ConfigError(f"Grid param {key} is set by the experiment itself; remove it from base and studies.")
     params = {"dataset": grid["dataset"], **setting, "seed": seed, "drops": drops, "oracle": False,
               "min_new_images": 0}
+    if version and params.get("dataset_version", "latest") == "latest":
+        params["dataset_version"] = version
     return PipelineParams.from_dict(params).to_dict()
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"Grid value pool_fraction must be a number in (0, 1], got {value!r}.")
+    return float(value)  # 1 and 1.0 are one setting
 
 
 def _identity(grid: dict, setting: dict) -> str:
     """What a setting computes, with the params it leaves out at their defaults: ``weak_pretrain_epochs: 0``
     and a base that never names it are the same setting, run once."""
     params = _cell_params(grid, setting, 0, drops=[])
-    return _digest([params, setting.get(POOL_FRACTION, 1.0)])
+    return _digest([params, _fraction(setting.get(POOL_FRACTION, 1.0))])
 
 
 def _settings(grid: dict) -> list[tuple[dict, list[tuple[str, Any]]]]:
@@ -181,15 +200,18 @@ def _settings(grid: dict) -> list[tuple[dict, list[tuple[str, Any]]]]:
 
 
 def _fraction_drops(store: Store, drops: list[str], fraction: float) -> list[str]:
-    """Drop ids holding ``fraction`` of each drop's images (nested: a smaller fraction is a subset)."""
+    """Drop ids holding ``fraction`` of each drop's images (nested: a smaller fraction is a subset),
+    written once as derived drops ``<drop>-pool-<fraction>`` (left out of every-drop runs)."""
     if fraction >= 1:
         return list(drops)
     out = []
     for drop_id in drops:
-        derived = f"{drop_id}-pool{round(fraction * 100):02d}"
-        if not store.exists(join(datasets.drop_prefix(derived), SUCCESS)):
-            _write_fraction_drop(store, drop_id, derived, fraction)
-        out.append(derived)
+        derived = f"{drop_id}-pool-{fraction:.6g}"
+        if store.exists(join(datasets.drop_prefix(derived), SUCCESS)) or \
+                _write_fraction_drop(store, drop_id, derived, fraction):
+            out.append(derived)
+    if not out:
+        raise ConfigError(f"pool_fraction {fraction:g} keeps no image of drops {', '.join(drops)}; use a larger one.")
     return out
 
 
@@ -198,31 +220,38 @@ def _kept(image_id: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
-def _write_fraction_drop(store: Store, drop_id: str, derived: str, fraction: float) -> None:
+def _write_fraction_drop(store: Store, drop_id: str, derived: str, fraction: float) -> bool:
+    """The derived drop with its truth and weak labels (when the drop has them); False when it keeps no image."""
     manifest = datasets.load_drop_manifest(store, drop_id)
-    truth = datasets.load_truth(store, [drop_id])
-    labels = dict(zip(truth.column("image_id").to_pylist(), truth.column("label").to_pylist(),
-                      strict=True)) if truth is not None else None
-    kept_ids: list[str] = []
+    ids = [image_id for s in manifest["shards"]
+           for image_id in store.read_table(s["key"], columns=["image_id"]).column("image_id").to_pylist()
+           if _kept(image_id, fraction)]
+    if not ids:
+        return False
+    renamed = [f"{derived}/{i[len(drop_id) + 1:]}" for i in ids]
+    # labels first: a committed derived drop always has its labels beside it, like the demo's drops
+    for load, write in ((datasets.load_truth, datasets.write_truth),
+                        (datasets.load_weak_labels, datasets.write_weak_labels)):
+        table = load(store, [drop_id])
+        if table is not None:
+            labels = dict(zip(table.column("image_id").to_pylist(), table.column("label").to_pylist(), strict=True))
+            if all(i in labels for i in ids):  # a partial table would make a partial oracle: leave it out
+                write(store, derived, renamed, [labels[i] for i in ids])
+    keep = set(ids)
 
     def rows():
         for shard in manifest["shards"]:
             table = store.read_table(shard["key"], columns=["image_id", "image"])
             for image_id, image in zip(table.column("image_id").to_pylist(), table.column("image").to_pylist(),
                                        strict=True):
-                if _kept(image_id, fraction):
-                    kept_ids.append(image_id)
+                if image_id in keep:
                     yield image_id[len(drop_id) + 1:], image
 
     shard_size = max(s["count"] for s in manifest["shards"])
-    if labels is not None:  # truth first, as the demo does: a committed drop always has its truth beside it
-        ids = [image_id for s in manifest["shards"]
-               for image_id in store.read_table(s["key"], columns=["image_id"]).column("image_id").to_pylist()
-               if _kept(image_id, fraction)]
-        datasets.write_truth(store, derived, [f"{derived}/{i[len(drop_id) + 1:]}" for i in ids],
-                             [labels[i] for i in ids])
-    datasets.write_drop(store, derived, rows(), source=f"{fraction:.0%} of drop {drop_id}", shard_size=shard_size)
-    log.info("pool fraction %.2f of %s: drop %s with %d images", fraction, drop_id, derived, len(kept_ids))
+    datasets.write_drop(store, derived, rows(), source=f"{fraction:.6g} of drop {drop_id}", shard_size=shard_size,
+                        derived_from=drop_id)
+    log.info("pool fraction %g of %s: drop %s with %d images", fraction, drop_id, derived, len(ids))
+    return True
 
 
 def _shared_key(kind: str, params: dict) -> str:
@@ -246,19 +275,18 @@ def prepare(store: Store, experiment: str, grid: str | dict) -> dict:
             raise ConfigError(f"Experiment {experiment!r} already exists in {store.uri} with another grid; use "
                               "another experiment id.")
         return _ids(existing)
-    datasets.load_dataset_manifest(store, grid["dataset"])  # one sentence when the dataset is missing
-    drops = datasets.list_drops(store)
-    drops = [d for d in drops if not re.search(r"-pool\d\d$", d)]  # never a derived drop of an earlier grid
+    version = datasets.load_dataset_manifest(store, grid["dataset"])["version"]  # one sentence when missing
+    drops = datasets.list_drops(store)  # never an earlier experiment's derived drops
     if not drops:
         raise ConfigError(f"The store {store.uri} has no unlabeled drop; add one with `semisup import-drop`.")
-    _prepare_data(store, grid, drops)
+    data = _prepare_data(store, grid, drops)
     shared: dict[str, dict] = {}
     cells: dict[str, dict] = {}
     base = _identity(grid, {POOL_FRACTION: 1.0, **grid["base"]})
     for setting, points in _settings(grid):
         for seed in grid["seeds"]:
             fraction = setting.get(POOL_FRACTION, 1.0)
-            params = _cell_params(grid, setting, seed, _fraction_drops(store, drops, fraction))
+            params = _cell_params(grid, setting, seed, _fraction_drops(store, drops, _fraction(fraction)), version)
             uses = {}
             for kind in ("teacher", "baseline"):
                 job = _shared_key(kind, params)
@@ -268,36 +296,62 @@ def prepare(store: Store, experiment: str, grid: str | dict) -> dict:
             cells[cell] = {"setting": setting, "seed": seed, "points": points, "params": params,
                            "run_id": f"exp-{experiment}-{cell}", "uses": uses,
                            "base": _identity(grid, setting) == base}
-    if grid["oracle"]:
+    if grid["oracle"] and data["truth"]:  # without true labels there is no oracle to train
         for cell in cells.values():
             if cell["base"]:
                 params = {**cell["params"], "oracle": True}
                 job = f"oracle-s{cell['seed']}"
                 shared[job] = {"kind": "oracle", "run_id": f"exp-{experiment}-{job}", "params": params}
-    plan = {"experiment": experiment, "grid": grid, "drops": drops, "shared": shared, "cells": cells,
-            "created": time.time()}
+    plan = {"experiment": experiment, "grid": grid, "drops": drops, "dataset_version": version, "data": data,
+            "shared": shared, "cells": cells, "created": time.time()}
     store.write_json(key, plan)
     log.info("experiment %s: %d shared models, %d cells", experiment, len(shared), len(cells))
     return _ids(plan)
 
 
-def _prepare_data(store: Store, grid: dict, drops: list[str]) -> None:
+def _prepare_data(store: Store, grid: dict, drops: list[str]) -> dict:
+    """Check (and on the demo, build) what the grid reads besides the drops; returns facts for the report."""
     studies = grid["studies"]
+    truth = all(store.exists(datasets.truth_key(d)) for d in drops)
+    facts: dict[str, Any] = {"truth": truth, "weak_labels": None}
     weak = any(v for v in [grid["base"].get("weak_pretrain_epochs", 0), *studies.get("weak_pretrain_epochs", [])])
-    if weak and datasets.load_weak_labels(store, drops) is None:
-        if grid["dataset"] != "mnist-demo":
+    if weak:
+        if grid["dataset"] == "mnist-demo":
+            from .demo import build_weak_labels
+
+            build_weak_labels(store, noise=grid["weak_label_noise"])  # the same noise rewrites the same tags
+        tags = datasets.load_weak_labels(store, drops)
+        if tags is None:
             raise ConfigError(f"The grid pre-trains the teacher on weak labels but drops {', '.join(drops)} have "
                               "none; import them with `semisup import-weak-labels`.")
-        from .demo import build_weak_labels
-
-        build_weak_labels(store, noise=grid["weak_label_noise"])
+        facts["weak_labels"] = _tag_quality(store, tags, drops if truth else [])
     transfer = grid["transfer"]
     if transfer and transfer["target"] == "shapes-demo":
         from .demo_shapes import build_shapes_demo
 
         build_shapes_demo(store)
-    elif transfer:
-        datasets.load_dataset_manifest(store, transfer["target"])
+    if transfer:
+        target = datasets.load_dataset_manifest(store, transfer["target"])
+        source = datasets.load_dataset_manifest(store, grid["dataset"])
+        if target["channels"] != source["channels"]:
+            raise ConfigError(f"The transfer target {transfer['target']!r} has {target['channels']} channel(s) but "
+                              f"{grid['dataset']!r} has {source['channels']}; pick a target with the same channels.")
+    return facts
+
+
+def _tag_quality(store: Store, tags: Any, drops: list[str]) -> dict:
+    """How many images carry a tag and, where the truth is known, how many tags are right (for the report)."""
+    labels = tags.column("label").to_numpy()
+    out: dict[str, Any] = {"images": int(len(labels)), "tagged": int((labels >= 0).sum()), "correct_fraction": None}
+    truth = datasets.load_truth(store, drops) if drops else None
+    if truth is not None:
+        joined = tags.join(truth.rename_columns(["image_id", "true"]), "image_id")
+        digits = joined.filter(pc.and_(pc.greater_equal(joined.column("true"), 0),
+                                       pc.greater_equal(joined.column("label"), 0)))
+        if digits.num_rows:
+            out["correct_fraction"] = float(pc.mean(pc.cast(pc.equal(digits.column("label"), digits.column("true")),
+                                                            "float64")).as_py())
+    return out
 
 
 def _ids(plan: dict) -> dict:
@@ -425,8 +479,10 @@ def run_transfer(store: Store, experiment: str, seed: str | int) -> dict:
         return store.read_json(key)
     cell_id, base = next((k, c) for k, c in sorted(plan["cells"].items()) if c["base"] and c["seed"] == seed)
     cell = run_cell(store, experiment, cell_id)
-    if "error" in cell:
-        raise ConfigError(f"The base cell of seed {seed} failed ({cell['error']}); transfer needs its student.")
+    if "error" in cell:  # recorded like a failed cell: the rest of the experiment still aggregates
+        record = {"seed": seed, "error": f"the base cell of seed {seed} failed ({cell['error']})"}
+        store.write_json(key, record)
+        return record
     baseline = store.read_json(join(run_prefix(plan["shared"][base["uses"]["baseline"]]["run_id"]), "baseline",
                                     SUCCESS))["result"]
     p = PipelineParams.from_dict(base["params"])
@@ -505,7 +561,8 @@ def aggregate(store: Store, experiment: str, notes: dict[str, str] | None = None
                                                                    if "error" in r},
                "cell_seconds": round(sum(r.get("seconds", 0) for r in records.values()), 1),
                "shared_seconds": round(sum(r.get("seconds", 0) for r in shared.values()), 1),
-               "seeds": plan["grid"]["seeds"]}
+               "seeds": plan["grid"]["seeds"], "data": plan.get("data", {}),
+               "dataset_version": plan.get("dataset_version")}
     for study, values in plan["grid"]["studies"].items():
         results["studies"][study] = [{"value": v, **_point(plan, records, (study, v))} for v in values]
     store.write_json(_prefix(experiment, "results.json"), results)
@@ -539,9 +596,10 @@ def _point(plan: dict, records: dict, point: tuple[str, Any] | None) -> dict:
 def _transfer_summary(records: list[dict]) -> dict:
     per_seed: dict[str, dict[int, float]] = {}
     for r in records:
-        for init, m in r["results"].items():
+        for init, m in r.get("results", {}).items():
             per_seed.setdefault(init, {})[r["seed"]] = m["top1"]
-    return {"target": records[0]["target"] if records else None, "per_seed": per_seed,
+    return {"target": next((r["target"] for r in records if "target" in r), None), "per_seed": per_seed,
+            "errors": [r["error"] for r in records if "error" in r],
             "summary": {k: mean_std(list(v.values())) for k, v in per_seed.items()}}
 
 

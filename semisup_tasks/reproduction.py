@@ -17,7 +17,8 @@ from typing import Any
 from .experiments import paired_difference
 
 # two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1); more than 10: the normal's
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
 
 MODEL_LABELS = {"student": "student (pre-trained, fine-tuned)", "student_pretrained": "student before fine-tuning",
                 "teacher": "teacher", "baseline": "baseline (labeled only)"}
@@ -63,7 +64,9 @@ FINDINGS = (
 
 
 def _t95(n: int) -> float:
-    return _T95.get(n - 1, 1.96)
+    """The quantile for n - 1 degrees of freedom, or the next smaller tabled one (a wider interval)."""
+    df = n - 1
+    return _T95[max(k for k in _T95 if k <= df)] if df >= 1 else math.inf
 
 
 def verdict(diff: dict, expect_positive: bool = True) -> str:
@@ -78,6 +81,8 @@ def verdict(diff: dict, expect_positive: bool = True) -> str:
         return "agrees"
     if d + half < 0:
         return "disagrees"
+    if d == 0:
+        return "no difference"
     return "same direction, within noise" if d > 0 else "opposite direction, within noise"
 
 
@@ -94,7 +99,7 @@ def _pm(s: dict | None) -> str:
 def _diff_text(diff: dict) -> str:
     if diff["mean"] is None:
         return "n/a"
-    se = "" if not math.isfinite(diff["se"] or float("nan")) else f" ± {100 * _t95(diff['n']) * diff['se']:.1f}"
+    se = "" if diff["se"] is None or not math.isfinite(diff["se"]) else f" ± {100 * _t95(diff['n']) * diff['se']:.1f}"
     return f"{100 * diff['mean']:+.1f}{se} points (n={diff['n']})"
 
 
@@ -151,7 +156,7 @@ def measure(finding: Finding, results: dict, grid: dict) -> tuple[str, str]:
         return _compare(same, same, "student.top1", f"self-trained ({student_arch} teacher)", "baseline",
                         "baseline.top1")
     if finding.id == "rec1-teacher-capacity":
-        largest = list(values)[-1]
+        largest = max(values, key=_capacity)
         return _compare(values.get(largest), values.get(student_arch), "student.top1", f"{largest} teacher",
                         f"{student_arch} teacher (self-training)")
     if finding.id in ("rec3-pool-size", "rec4-pretrain-length", "rec6-weak-teacher"):
@@ -169,7 +174,8 @@ def measure(finding: Finding, results: dict, grid: dict) -> tuple[str, str]:
         text, v = _compare(values.get("noisy_student"), values.get("topk"), finding.metric, "noisy_student", "top-K")
         if v in ("agrees", "disagrees"):  # the claim is "about as well": any clear difference is a disagreement
             return text, "disagrees"
-        return text, "agrees (within noise)" if "within noise" in v else v
+        # no test of equivalence: with few seeds "no clear difference" is all this can say
+        return text, "no clear difference (within noise)" if "within noise" in v or v == "no difference" else v
     if finding.id == "k-optimum":
         return _k_optimum(values, finding.metric)
     raise ValueError(f"no measurement for finding {finding.id}")
@@ -183,11 +189,26 @@ def _k_optimum(values: dict, metric: str) -> tuple[str, str]:
     best = max(ordered, key=lambda k: means[k])
     text = "; ".join(f"K={k}: {_pm(_summary(values[k], metric))}" for k in ordered)
     if best in (ordered[0], ordered[-1]):
-        return f"{text} (best at the {'smallest' if best == ordered[0] else 'largest'} K)", "disagrees"
+        # an end beats every K inside the range, significantly or not
+        inner = [verdict(paired_difference(_seeds(values[best], metric), _seeds(values[k], metric)))
+                 for k in ordered[1:-1]]
+        where = "smallest" if best == ordered[0] else "largest"
+        return f"{text} (best at the {where} K)", \
+            "disagrees" if all(v == "agrees" for v in inner) else "opposite direction, within noise"
     lower = [verdict(paired_difference(_seeds(values[best], metric), _seeds(values[k], metric)))
              for k in (ordered[0], ordered[-1])]
     text += f" (best K={best})"
     return text, "agrees" if all(v == "agrees" for v in lower) else "same direction, within noise"
+
+
+def _capacity(arch: Any) -> int:
+    """Parameters of an architecture (for 10 classes of 28x28 grayscale): how the largest teacher is found."""
+    from .models import build_model
+
+    try:
+        return sum(p.numel() for p in build_model(str(arch), 1, 10, (28, 28)).parameters())
+    except Exception:  # not an architecture name: keep the study's order
+        return -1
 
 
 def render(results: dict, plots: list[str], notes: dict[str, str] | None = None) -> str:
@@ -210,7 +231,7 @@ def render(results: dict, plots: list[str], notes: dict[str, str] | None = None)
     for f in FINDINGS:
         text, v = measure(f, results, grid)
         lines.append(f"| {f.id} | {f.source} | {f.claim} | {text} | **{v}** | {notes.get(f.id, '')} |")
-    lines += ["", "## Studies", "",
+    lines += ["", "## Data", "", _data_text(results), "", "## Studies", "",
               f"Base setting: `{_setting_text(grid['base'])}`; each study changes one knob. Oracle (the student "
               f"recipe on the pool's true labels, base setting): {_pm(results['oracle'])}.", ""]
     for study, points in results["studies"].items():
@@ -240,6 +261,23 @@ def render(results: dict, plots: list[str], notes: dict[str, str] | None = None)
               f"baselines and oracles {results['shared_seconds'] / 60:.1f} min of stage time.",
               f"Failed cells: {len(results['errors'])}.", ""]
     return "\n".join(lines)
+
+
+def _data_text(results: dict) -> str:
+    grid, data = results["grid"], results.get("data") or {}
+    parts = [f"Labeled dataset `{grid['dataset']}` version {results.get('dataset_version') or 'latest'}."]
+    tags = data.get("weak_labels")
+    if tags:
+        right = tags.get("correct_fraction")
+        parts.append(f"Weak labels: {tags['tagged']:,} of {tags['images']:,} pool images tagged"
+                     + (f", {100 * right:.1f}% of the digits' tags right (measured against the truth)." if right
+                        is not None else "."))
+    if not data.get("truth", True):
+        parts.append("The drops have no true labels: no oracle, no pseudo-label precision.")
+    errors = results["transfer"].get("errors") or []
+    if errors:
+        parts.append(f"Transfer failed for {len(errors)} seed(s): {errors[0]}.")
+    return " ".join(parts)
 
 
 def _setting_text(setting: dict) -> str:

@@ -44,6 +44,7 @@ def test_a_bad_grid_is_refused_in_one_sentence(grid, message):
 
 def test_named_and_file_grids_load_and_a_missing_one_is_named(tmp_path):
     assert experiments.load_grid("ci")["studies"] == experiments.CI_GRID["studies"]
+    assert experiments.load_grid("full")["base"]["teacher_arch"] == "resnet50"  # every named grid is valid
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"base": {"k": 7}, "studies": {"p": [1, 2]}}))
     assert experiments.load_grid(str(path))["base"] == {"k": 7}
@@ -59,8 +60,25 @@ def test_a_study_value_equal_to_the_base_is_the_base_setting_run_once():
                                                                  "pool_fraction": [0.5, 1.0]}})
     settings = experiments._settings(grid)
     assert len(settings) == 4  # base (= k 40 = weak 0 = pool 1.0), k 20, weak 2, pool 0.5
+    same = experiments.load_grid({"studies": {"pool_fraction": [1, 1.0]}})
+    assert len(experiments._settings(same)) == 1  # 1 and 1.0 are one setting
     base_points = settings[0][1]
     assert sorted(base_points) == [("k", 40), ("pool_fraction", 1.0), ("weak_pretrain_epochs", 0)]
+
+
+@pytest.mark.parametrize(("name", "base", "study", "teachers", "baselines"), [
+    ("lr", {}, {"lr": [0.05, 0.1]}, 2, 1),  # the teacher's learning rate: two teachers, one baseline
+    ("ft", {}, {"finetune_lr": [0.03, 0.01]}, 1, 2),  # fine-tuning's: one teacher, two baselines
+    ("weak-ft", {"weak_pretrain_epochs": 1}, {"finetune_lr": [0.03, 0.01]}, 2, 2),  # a weak teacher is fine-tuned
+    ("arch", {}, {"k": [10, 20], "student_arch": ["cnn_medium"]}, 1, 2),
+])
+def test_cells_share_a_model_exactly_when_its_inputs_are_equal(demo_store, name, base, study, teachers, baselines):
+    grid = {"seeds": [0], "base": {"k": 20, **base}, "studies": study, "transfer": None}
+    experiments.prepare(demo_store, f"share-{name}", grid)
+    plan = experiments.load_plan(demo_store, f"share-{name}")
+    kinds = Counter(s["kind"] for s in plan["shared"].values())
+    assert kinds == {"teacher": teachers, "baseline": baselines}
+    assert {c["params"]["dataset_version"] for c in plan["cells"].values()} == {"v1"}  # "latest" pinned
 
 
 def test_the_default_grid_shares_teachers_baselines_and_oracles(demo_store):
@@ -104,6 +122,20 @@ def test_pool_fractions_are_nested_subsets_with_their_truth(demo_store):
             assert all(truth[k] == v for k, v in rel[derived].items())  # the same images keep their labels
         assert set(rel[q]) < set(rel[h]) < set(truth)
         assert abs(len(rel[h]) / len(truth) - 0.5) < 0.05 and abs(len(rel[q]) / len(truth) - 0.25) < 0.05
+        # the same image bytes, and the weak labels carried along
+        originals = {}
+        for shard in datasets.load_drop_manifest(demo_store, drop)["shards"]:
+            t = demo_store.read_table(shard["key"], columns=["image_id", "image"])
+            originals.update(zip(t.column("image_id").to_pylist(), t.column("image").to_pylist(), strict=True))
+        for shard in datasets.load_drop_manifest(demo_store, q)["shards"]:
+            t = demo_store.read_table(shard["key"], columns=["image_id", "image"])
+            for image_id, image in zip(t.column("image_id").to_pylist(), t.column("image").to_pylist(), strict=True):
+                assert originals[f"{drop}/{image_id.split('/', 1)[1]}"] == image
+        weak = datasets.load_weak_labels(demo_store, [q])
+        assert weak is not None and weak.num_rows == len(rel[q])
+    # copies are never pooled by a run over every drop
+    assert datasets.list_drops(demo_store) == list(DROPS)
+    assert quarter == [f"{d}-pool-0.25" for d in DROPS]
 
 
 def test_statistics_and_verdicts():
@@ -118,6 +150,8 @@ def test_statistics_and_verdicts():
     assert reproduction.verdict({"mean": -0.1, "se": 0.02, "n": 3}) == "disagrees"
     assert reproduction.verdict({"mean": -0.01, "se": 0.02, "n": 3}) == "opposite direction, within noise"
     assert reproduction.verdict({"mean": 0.1, "se": float("nan"), "n": 1}) == "one seed only: no verdict"
+    assert reproduction.verdict({"mean": 0.0, "se": 0.0, "n": 3}) == "no difference"
+    assert reproduction._t95(3) == 4.303 and reproduction._t95(14) == 2.179  # 13 df: the 12-df quantile, wider
 
 
 def _point(value, per_seed):
@@ -127,7 +161,8 @@ def _point(value, per_seed):
 
 @pytest.mark.parametrize(("means", "expected"), [
     ((0.80, 0.90, 0.85), "agrees"),  # best in the middle, both ends clearly lower
-    ((0.80, 0.85, 0.90), "disagrees"),  # best at the largest K
+    ((0.80, 0.85, 0.90), "disagrees"),  # best at the largest K, clearly
+    ((0.80, 0.90, 0.901), "opposite direction, within noise"),  # best at the largest K, by noise
     ((0.80, 0.90, 0.899), "same direction, within noise"),
 ])
 def test_the_k_verdict_reads_where_the_best_k_lies(means, expected):

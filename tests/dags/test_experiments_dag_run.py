@@ -51,7 +51,7 @@ def test_experiments_dag_runs_the_ci_grid_then_resumes_without_retraining(airflo
 
     # the pool fraction's drops are nested subsets of the originals, with their truth
     small = [d for d in plan["cells"].values() if d["setting"]["pool_fraction"] == 0.5][0]["params"]["drops"]
-    assert all(d.endswith("-pool50") for d in small)
+    assert all(d.endswith("-pool-0.5") for d in small)
 
     results = store.read_json("experiments/ci/results.json")
     assert set(results["studies"]) == set(grid["studies"])
@@ -74,3 +74,17 @@ def test_experiments_dag_runs_the_ci_grid_then_resumes_without_retraining(airflo
     assert again["state"] == "success" and _mapped(again)[("cell", "success")] == n_cells
     assert {k: (store.read_bytes(k), (tmp_path / "store" / k).stat().st_mtime_ns) for k in records} == records
     assert {k: (tmp_path / "store" / k).stat().st_mtime_ns for k in models} == models
+
+    # a grid without transfer: the empty transfer map is skipped, the aggregate still runs
+    small_grid = {"seeds": [0], "base": experiments.CI_GRID["base"], "studies": {}, "transfer": None}
+    (tmp_path / "small").mkdir()
+    small, _ = run_dag("semisup_experiments", {**conf, "experiment": "small", "grid": small_grid},
+                       tmp_path / "small", timeout=600)
+    states = {ti["task_id"]: ti["state"] for ti in small["tis"]}
+    assert small["state"] == "success" and states["transfer"] == "skipped" and states["aggregate"] == "success"
+    assert store.exists("experiments/small/REPRODUCTION.md")
+    # a grid named by a file path is refused: it would read the worker's files
+    (tmp_path / "path").mkdir()
+    refused, output = run_dag("semisup_experiments", {**conf, "experiment": "path", "grid": "/etc/hostname"},
+                              tmp_path / "path", timeout=300)
+    assert refused["state"] == "failed" and "is not a named grid" in output
