@@ -7,7 +7,7 @@ STORE ?= file://$(CURDIR)/.semisup/store
 CONF ?= {"min_new_images": 0}
 export SEMISUP_STORE := $(STORE)
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv demo test lint clean-demo experiments
 
 # pins live in pyproject.toml (torch/torchvision install from this machine's disk; Airflow from PyPI)
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,14 @@ demo: venv
 	  $(VENV)/bin/airflow dags test semisup_retrain -c '$(CONF)' > .airflow/demo.log 2>&1 \
 	  || { tail -50 .airflow/demo.log; echo "make demo: the DAG run failed; full log in .airflow/demo.log"; exit 1; }
 	$(VENV)/bin/semisup report --store $(STORE) --run latest
+
+# the experiments grid on the demo data (about an hour on 2 CPU cores), exported to reproduction/$(GRID)/;
+# the same experiment id again resumes it. GRID=ci for a few minutes, GRID=full for GPUs.
+GRID ?= default
+experiments: venv
+	$(VENV)/bin/semisup demo-data --store $(STORE)
+	$(VENV)/bin/semisup experiments run --store $(STORE) --experiment demo-$(GRID) --grid $(GRID) \
+	  --notes reproduction/notes.json --to reproduction/$(GRID)
 
 test: venv
 	$(PY) -m pytest -q tests
