@@ -16,7 +16,8 @@ What the grid allows is shared instead of redone:
   evaluated before it is fine-tuned), so that study costs nothing extra.
 
 The pool fraction keeps a nested subset of every drop (by a hash of the image id: the 25% pool is
-inside the 50% pool), written once as derived drops ``<drop>-pool<percent>`` with their truth.
+inside the 50% pool), written once as derived drops ``<drop>-pool-<fraction>`` with their truth and weak
+labels (copied again whenever an experiment uses them, so they follow the source drop's).
 
 Everything lives under ``experiments/<experiment>/`` in the store: ``grid.json`` (the expanded plan),
 ``shared/<job>.json``, ``cells/<cell>.json``, ``transfer/<seed>.json``, then ``results.json``,
@@ -206,13 +207,36 @@ def _fraction_drops(store: Store, drops: list[str], fraction: float) -> list[str
         return list(drops)
     out = []
     for drop_id in drops:
-        derived = f"{drop_id}-pool-{fraction:.6g}"
-        if store.exists(join(datasets.drop_prefix(derived), SUCCESS)) or \
-                _write_fraction_drop(store, drop_id, derived, fraction):
+        derived = f"{drop_id}-pool-{fraction!r}"
+        if store.exists(join(datasets.drop_prefix(derived), SUCCESS)):
+            marker = join(datasets.drop_prefix(derived), datasets.DERIVED)
+            if not store.exists(marker) or store.read_json(marker).get("derived_from") != drop_id:
+                raise ConfigError(f"Drop {derived!r} exists but is not the {fraction:g} pool of drop {drop_id!r}; "
+                                  "rename that drop.")
+            ids = [i for s in datasets.load_drop_manifest(store, derived)["shards"]
+                   for i in store.read_table(s["key"], columns=["image_id"]).column("image_id").to_pylist()]
+            _copy_labels(store, drop_id, derived, [f"{drop_id}/{i[len(derived) + 1:]}" for i in ids])
+            out.append(derived)
+        elif _write_fraction_drop(store, drop_id, derived, fraction):
             out.append(derived)
     if not out:
         raise ConfigError(f"pool_fraction {fraction:g} keeps no image of drops {', '.join(drops)}; use a larger one.")
     return out
+
+
+def _copy_labels(store: Store, drop_id: str, derived: str, ids: list[str]) -> None:
+    """The source drop's truth and weak labels for the images ``ids`` of it, under the derived drop's ids
+    (a table the source lacks, or holds only in part, is removed: never a partial oracle)."""
+    renamed = [f"{derived}/{i[len(drop_id) + 1:]}" for i in ids]
+    for load, write, key in ((datasets.load_truth, datasets.write_truth, datasets.truth_key),
+                             (datasets.load_weak_labels, datasets.write_weak_labels, datasets.weak_labels_key)):
+        table = load(store, [drop_id])
+        labels = {} if table is None else dict(zip(table.column("image_id").to_pylist(),
+                                                   table.column("label").to_pylist(), strict=True))
+        if ids and all(i in labels for i in ids):
+            write(store, derived, renamed, [labels[i] for i in ids])
+        else:
+            store.delete(key(derived))
 
 
 def _kept(image_id: str, fraction: float) -> bool:
@@ -228,15 +252,7 @@ def _write_fraction_drop(store: Store, drop_id: str, derived: str, fraction: flo
            if _kept(image_id, fraction)]
     if not ids:
         return False
-    renamed = [f"{derived}/{i[len(drop_id) + 1:]}" for i in ids]
-    # labels first: a committed derived drop always has its labels beside it, like the demo's drops
-    for load, write in ((datasets.load_truth, datasets.write_truth),
-                        (datasets.load_weak_labels, datasets.write_weak_labels)):
-        table = load(store, [drop_id])
-        if table is not None:
-            labels = dict(zip(table.column("image_id").to_pylist(), table.column("label").to_pylist(), strict=True))
-            if all(i in labels for i in ids):  # a partial table would make a partial oracle: leave it out
-                write(store, derived, renamed, [labels[i] for i in ids])
+    _copy_labels(store, drop_id, derived, ids)  # first: a committed derived drop always has its labels beside it
     keep = set(ids)
 
     def rows():
@@ -296,12 +312,14 @@ def prepare(store: Store, experiment: str, grid: str | dict) -> dict:
             cells[cell] = {"setting": setting, "seed": seed, "points": points, "params": params,
                            "run_id": f"exp-{experiment}-{cell}", "uses": uses,
                            "base": _identity(grid, setting) == base}
-    if grid["oracle"] and data["truth"]:  # without true labels there is no oracle to train
-        for cell in cells.values():
-            if cell["base"]:
+    if grid["oracle"]:
+        for cell in cells.values():  # without true labels for every drop of the cell there is no oracle to train
+            if cell["base"] and all(store.exists(datasets.truth_key(d)) for d in cell["params"]["drops"]):
                 params = {**cell["params"], "oracle": True}
                 job = f"oracle-s{cell['seed']}"
                 shared[job] = {"kind": "oracle", "run_id": f"exp-{experiment}-{job}", "params": params}
+    if grid["transfer"]:  # pinned like the dataset: a version imported mid-experiment changes nothing
+        data["transfer_version"] = datasets.load_dataset_manifest(store, grid["transfer"]["target"])["version"]
     plan = {"experiment": experiment, "grid": grid, "drops": drops, "dataset_version": version, "data": data,
             "shared": shared, "cells": cells, "created": time.time()}
     store.write_json(key, plan)
@@ -490,7 +508,7 @@ def run_transfer(store: Store, experiment: str, seed: str | int) -> dict:
     recipe = Recipe(epochs=grid["transfer"].get("epochs", 30), lr=p.finetune_lr, batch_size=p.batch_size,
                     optimizer=p.optimizer, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs,
                     augment=p.augment, seed=seed * 100 + 7)
-    version = datasets.load_dataset_manifest(store, target)["version"]
+    version = plan["data"]["transfer_version"]
     record = {"seed": seed, "target": target, "target_version": version, "results": {}}
     for init, model_key in (("scratch", None), ("baseline", baseline["model_key"]),
                             ("student", cell["student_model_key"])):

@@ -16,7 +16,8 @@ from typing import Any
 
 from .experiments import paired_difference
 
-# two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1); more than 10: the normal's
+# two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1); between two tabled values the
+# smaller degrees of freedom's is used (a wider interval)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
 
@@ -140,6 +141,8 @@ def measure(finding: Finding, results: dict, grid: dict) -> tuple[str, str]:
     if finding.id == "transfer":
         t = results["transfer"]
         if not t["per_seed"]:
+            if t.get("errors"):
+                return f"the transfer failed: {t['errors'][0]}", "not measured"
             return "no transfer run in this grid", "not measured"
         parts, verdicts = [], []
         for other in ("baseline", "scratch"):
@@ -188,6 +191,8 @@ def _k_optimum(values: dict, metric: str) -> tuple[str, str]:
         return "needs at least three K values with results", "not measured"
     best = max(ordered, key=lambda k: means[k])
     text = "; ".join(f"K={k}: {_pm(_summary(values[k], metric))}" for k in ordered)
+    if min(len(_seeds(values[k], metric)) for k in ordered) < 2:
+        return text, "one seed only: no verdict"
     if best in (ordered[0], ordered[-1]):
         # an end beats every K inside the range, significantly or not
         inner = [verdict(paired_difference(_seeds(values[best], metric), _seeds(values[k], metric)))

@@ -138,6 +138,27 @@ def test_pool_fractions_are_nested_subsets_with_their_truth(demo_store):
     assert quarter == [f"{d}-pool-0.25" for d in DROPS]
 
 
+def test_a_reused_pool_drop_follows_its_source_labels_and_a_lookalike_is_refused(tmp_path):
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    build_demo(store)
+    derived = experiments._fraction_drops(store, [DROPS[0]], 0.5)[0]
+    assert datasets.load_weak_labels(store, [derived]) is None  # the source had no tags yet
+    from semisup_tasks.demo import build_weak_labels
+
+    build_weak_labels(store, noise=0.3)
+    assert experiments._fraction_drops(store, [DROPS[0]], 0.5) == [derived]  # reused, not rewritten
+    tags = datasets.load_weak_labels(store, [derived])
+    source = datasets.load_weak_labels(store, [DROPS[0]])
+    by_id = dict(zip(source.column("image_id").to_pylist(), source.column("label").to_pylist(), strict=True))
+    assert tags is not None and tags.num_rows == datasets.load_drop_manifest(store, derived)["count"]
+    assert all(by_id[f"{DROPS[0]}/{i.split('/', 1)[1]}"] == label
+               for i, label in zip(tags.column("image_id").to_pylist(), tags.column("label").to_pylist(), strict=True))
+    # a real drop that only looks like a pool of another is never taken for one
+    datasets.write_drop(store, f"{DROPS[1]}-pool-0.5", [("a.png", b"x")], source="test")
+    with pytest.raises(ConfigError, match="exists but is not the 0.5 pool of drop"):
+        experiments._fraction_drops(store, [DROPS[1]], 0.5)
+
+
 def test_statistics_and_verdicts():
     assert experiments.mean_std([0.5, 0.7, 0.9]) == {"mean": pytest.approx(0.7), "std": pytest.approx(0.2), "n": 3}
     assert experiments.mean_std([0.4]) == {"mean": 0.4, "std": 0.0, "n": 1}
