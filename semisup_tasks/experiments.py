@@ -452,10 +452,10 @@ def run_cell(store: Store, experiment: str, cell: str) -> dict:
     run_id, params = spec["run_id"], spec["params"]
     record = {"cell": cell, "seed": spec["seed"], "setting": spec["setting"], "points": spec["points"],
               "run_id": run_id}
+    for kind, job in spec["uses"].items():  # a shared model not trained yet fails the task, never the record
+        _adopt(store, run_id, params, SHARED_STAGES[kind][1], plan["shared"][job]["run_id"])
     try:
         first = run_stage("plan", store, run_id, params)
-        for kind, job in spec["uses"].items():
-            _adopt(store, run_id, params, SHARED_STAGES[kind][1], plan["shared"][job]["run_id"])
         run_stage("train-oracle", store, run_id, params)  # oracle=false: records a skip, as evaluate expects
         for group in range(first["score_groups"]):
             run_stage("score", store, run_id, params, group=group)

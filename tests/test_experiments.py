@@ -159,6 +159,13 @@ def test_a_reused_pool_drop_follows_its_source_labels_and_a_lookalike_is_refused
         experiments._fraction_drops(store, [DROPS[1]], 0.5)
 
 
+def test_a_cell_before_its_shared_teacher_fails_without_recording_anything(demo_store):
+    ids = experiments.prepare(demo_store, "early", {"seeds": [0], "base": {"k": 20}, "transfer": None})
+    with pytest.raises(ConfigError, match="is not trained yet; run its shared job first"):
+        experiments.run_cell(demo_store, "early", ids["cells"][0])
+    assert not demo_store.exists(f"experiments/early/cells/{ids['cells'][0]}.json")  # a retry will run it
+
+
 def test_statistics_and_verdicts():
     assert experiments.mean_std([0.5, 0.7, 0.9]) == {"mean": pytest.approx(0.7), "std": pytest.approx(0.2), "n": 3}
     assert experiments.mean_std([0.4]) == {"mean": 0.4, "std": 0.0, "n": 1}
