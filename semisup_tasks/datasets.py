@@ -668,11 +668,16 @@ def write_truth(store: Store, drop_id: str, image_ids: Sequence[str], labels: Se
 
 def load_truth(store: Store, drop_ids: Iterable[str]) -> pa.Table | None:
     """True labels of the given drops that have them, concatenated; None when none has."""
+    return _load_drop_labels(store, drop_ids, truth_key, TRUTH_SCHEMA)
+
+
+def _load_drop_labels(store: Store, drop_ids: Iterable[str], key_of, schema: pa.Schema) -> pa.Table | None:
+    """A per-drop (image_id, label) table of the given drops that have one, concatenated; None when none has."""
     tables = []
     for drop_id in drop_ids:
-        key = truth_key(_check_name("drop id", drop_id))
+        key = key_of(_check_name("drop id", drop_id))
         if store.exists(key):
-            tables.append(store.read_table(key).select(["image_id", "label"]).cast(TRUTH_SCHEMA))
+            tables.append(store.read_table(key).select(["image_id", "label"]).cast(schema))
     return pa.concat_tables(tables) if tables else None
 
 
@@ -699,15 +704,11 @@ def write_weak_labels(store: Store, drop_id: str, image_ids: Sequence[str], labe
 
 def load_weak_labels(store: Store, drop_ids: Iterable[str]) -> pa.Table | None:
     """Weak labels of the given drops that have them, concatenated; None when none has."""
-    tables = []
-    for drop_id in drop_ids:
-        key = weak_labels_key(_check_name("drop id", drop_id))
-        if store.exists(key):
-            tables.append(store.read_table(key).select(["image_id", "label"]).cast(WEAK_SCHEMA))
-    return pa.concat_tables(tables) if tables else None
+    return _load_drop_labels(store, drop_ids, weak_labels_key, WEAK_SCHEMA)
 
 
-def _drop_image_ids(store: Store, manifest: dict) -> list[str]:
+def drop_image_ids(store: Store, manifest: dict) -> list[str]:
+    """Every image id of a drop (from its manifest), in shard order."""
     return [i for s in manifest["shards"] for i in store.read_table(s["key"], columns=["image_id"])
             .column("image_id").to_pylist()]
 
@@ -757,7 +758,7 @@ def import_weak_labels(store: Store, drop_id: str, csv_source: str, classes: lis
     manifest = load_drop_manifest(store, drop_id)  # a missing drop: one sentence, before the file is read
     rows = _read_weak_csv(csv_source)
     index = {str(c): i for i, c in enumerate(classes)}
-    ids = _drop_image_ids(store, manifest)
+    ids = drop_image_ids(store, manifest)
     known = set(ids)
     first_line: dict[str, int] = {}
     tags: dict[str, int] = {}

@@ -213,8 +213,7 @@ def _fraction_drops(store: Store, drops: list[str], fraction: float) -> list[str
             if not store.exists(marker) or store.read_json(marker).get("derived_from") != drop_id:
                 raise ConfigError(f"Drop {derived!r} exists but is not the {fraction:g} pool of drop {drop_id!r}; "
                                   "rename that drop.")
-            ids = [i for s in datasets.load_drop_manifest(store, derived)["shards"]
-                   for i in store.read_table(s["key"], columns=["image_id"]).column("image_id").to_pylist()]
+            ids = datasets.drop_image_ids(store, datasets.load_drop_manifest(store, derived))
             _copy_labels(store, drop_id, derived, [f"{drop_id}/{i[len(derived) + 1:]}" for i in ids])
             out.append(derived)
         elif _write_fraction_drop(store, drop_id, derived, fraction):
@@ -247,9 +246,7 @@ def _kept(image_id: str, fraction: float) -> bool:
 def _write_fraction_drop(store: Store, drop_id: str, derived: str, fraction: float) -> bool:
     """The derived drop with its truth and weak labels (when the drop has them); False when it keeps no image."""
     manifest = datasets.load_drop_manifest(store, drop_id)
-    ids = [image_id for s in manifest["shards"]
-           for image_id in store.read_table(s["key"], columns=["image_id"]).column("image_id").to_pylist()
-           if _kept(image_id, fraction)]
+    ids = [image_id for image_id in datasets.drop_image_ids(store, manifest) if _kept(image_id, fraction)]
     if not ids:
         return False
     _copy_labels(store, drop_id, derived, ids)  # first: a committed derived drop always has its labels beside it
@@ -399,16 +396,23 @@ def _test_metrics(store: Store, model_key: str, ds: dict) -> dict:
     return {k: m[k] for k in METRICS}
 
 
+def _step(store: Store, experiment: str, section: str, item: str) -> tuple[dict, str, dict | None]:
+    """(the plan, where the step's record goes, the record when the step already ran)."""
+    plan = load_plan(store, experiment)
+    if item not in plan[section]:
+        what = {"shared": "shared job", "cells": "cell"}[section]
+        raise ConfigError(f"Experiment {experiment!r} has no {what} {item!r}.")
+    key = _prefix(experiment, section, f"{item}.json")
+    return plan, key, store.read_json(key) if store.exists(key) else None
+
+
 def run_shared(store: Store, experiment: str, job: str) -> dict:
     """Train one shared model (teacher, baseline or oracle) in its own run; record its test metrics."""
     from .stages import run_stage
 
-    plan = load_plan(store, experiment)
-    if job not in plan["shared"]:
-        raise ConfigError(f"Experiment {experiment!r} has no shared job {job!r}.")
-    key = _prefix(experiment, "shared", f"{job}.json")
-    if store.exists(key):
-        return store.read_json(key)
+    plan, key, done = _step(store, experiment, "shared", job)
+    if done is not None:
+        return done
     spec, started = plan["shared"][job], time.time()
     stage, name = SHARED_STAGES[spec["kind"]]
     run_stage("plan", store, spec["run_id"], spec["params"])
@@ -442,12 +446,9 @@ def run_cell(store: Store, experiment: str, cell: str) -> dict:
     """One (setting, seed): the pipeline's stages with the shared teacher and baseline adopted."""
     from .stages import run_stage
 
-    plan = load_plan(store, experiment)
-    if cell not in plan["cells"]:
-        raise ConfigError(f"Experiment {experiment!r} has no cell {cell!r}.")
-    key = _prefix(experiment, "cells", f"{cell}.json")
-    if store.exists(key):
-        return store.read_json(key)
+    plan, key, done = _step(store, experiment, "cells", cell)
+    if done is not None:
+        return done
     spec, started = plan["cells"][cell], time.time()
     run_id, params = spec["run_id"], spec["params"]
     record = {"cell": cell, "seed": spec["seed"], "setting": spec["setting"], "points": spec["points"],

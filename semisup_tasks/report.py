@@ -396,7 +396,7 @@ def _figure(n_classes: int) -> Any:
     return fig
 
 
-def _png(fig: Any) -> bytes:
+def figure_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
@@ -428,7 +428,7 @@ def plot_per_class_recall(metrics: dict) -> bytes:
     fig = _figure(len(classes))
     if not models or not classes:
         _empty(fig, "no per-class recall recorded")
-        return _png(fig)
+        return figure_png(fig)
     ax = fig.add_subplot()
     for i in _seq(_get(metrics.get("dataset"), "tail_classes")):
         ax.axvspan(i - 0.5, i + 0.5, color="#f2e6c9", zorder=0, lw=0)
@@ -443,7 +443,7 @@ def plot_per_class_recall(metrics: dict) -> bytes:
     ax.set_title("Per-class recall on the test set (tail classes shaded)")  # run id is in the report
     ax.grid(axis="y", alpha=0.3, zorder=1)
     fig.legend(fontsize=8, ncol=len(models), loc="outside lower center", frameon=False)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_selection_histogram(metrics: dict) -> bytes:
@@ -453,7 +453,7 @@ def plot_selection_histogram(metrics: dict) -> bytes:
     fig = _figure(len(classes))
     if not counts:
         _empty(fig, "no selection recorded")
-        return _png(fig)
+        return figure_png(fig)
     ax = fig.add_subplot()
     tail = set(_seq(_get(metrics.get("dataset"), "tail_classes")))
     colors = ["#dd8452" if i in tail else "#4c72b0" for i in range(len(counts))]
@@ -488,7 +488,7 @@ def plot_selection_histogram(metrics: dict) -> bytes:
         title += f" (overall pseudo-label precision {fmt_pct(sel['pseudo_label_precision'])})"
     ax.set_title(title)
     fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="outside lower center", frameon=False)
-    return _png(fig)
+    return figure_png(fig)
 
 
 # -- store I/O --------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ the difference is within the seed-to-seed noise.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from .experiments import paired_difference
+from .report import figure_png
 
 # two-sided 95% Student t quantiles by degrees of freedom (n seeds - 1); between two tabled values the
 # smaller degrees of freedom's is used (a wider interval)
@@ -308,12 +308,6 @@ def _figure(width: float = 7.5, height: float = 4.2) -> Any:
     return fig
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: same data, same bytes
-    return buf.getvalue()
-
-
 def _mean_std(points: list[dict], metric: str) -> tuple[list[float], list[float]]:
     means, stds = [], []
     for p in points:
@@ -345,7 +339,7 @@ def _study_plot(study: str, points: list[dict], results: dict) -> bytes:
     ax.set_title(f"{study}: mean ± std over {len(results['seeds'])} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _transfer_plot(transfer: dict) -> bytes:
@@ -358,4 +352,4 @@ def _transfer_plot(transfer: dict) -> bytes:
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"transfer to {transfer['target']}")
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
