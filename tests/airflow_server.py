@@ -78,6 +78,8 @@ class AirflowServer:
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__WORKERS": "1",
+            # a 500 names its database error, so a lock can be told apart (and retried) from a real fault
+            "AIRFLOW__API__EXPOSE_STACKTRACE": "True",
             # the extra link and the task workers' execution API both derive from the base URL
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
@@ -242,8 +244,20 @@ class AirflowServer:
         return self._tokens[username]
 
     def request(self, method: str, path: str, body: Any = None, *, auth: bool | str = True,
-                timeout: float = 60) -> tuple[int, Any]:
-        """(status, parsed JSON or text). ``auth``: True = the admin's token, a str = that user's token."""
+                timeout: float = 60, lock_retries: int = 20) -> tuple[int, Any]:
+        """(status, parsed JSON or text). ``auth``: True = the admin's token, a str = that user's token.
+
+        SQLite lets one writer at a time: while the scheduler writes, a request's statement or commit can
+        fail with "database is locked" (a 500, or a 503 from the backfill route). Its transaction was
+        rolled back, so the request is sent again, up to ``lock_retries`` times; any other answer returns."""
+        for _ in range(lock_retries):
+            status, answer = self._send(method, path, body, auth=auth, timeout=timeout)
+            if not (status in (500, 503) and "database is locked" in str(answer).lower()):
+                break
+            time.sleep(1)
+        return status, answer
+
+    def _send(self, method: str, path: str, body: Any, *, auth: bool | str, timeout: float) -> tuple[int, Any]:
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
