@@ -36,7 +36,8 @@ def experiment_params(grid: str = "default") -> dict[str, Param]:
                             section="Experiment"),
         "grid": Param(grid, type=["string", "object"], title="Grid", section="Experiment",
                       description="A named grid (default: ~1 h on 2 CPU cores on the demo data; ci: a few "
-                                  "minutes) or a grid object {dataset, seeds, base, studies, oracle, "
+                                  "minutes; full: for GPUs; noisy_student: soft labels and labeled images in "
+                                  "every batch) or a grid object {dataset, seeds, base, studies, oracle, "
                                   "weak_label_noise, transfer}; see README 'Experiments'."),
         "notes": Param({}, type="object", title="Notes", section="Experiment",
                        description="Per finding id, why it does not agree: shown in REPRODUCTION.md."),

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--experiment", required=True, help="experiment id: experiments/<id>/ in the store")
         if action == "run":
             e.add_argument("--grid", default="default",
-                           help="a named grid (default: ~1 h on 2 CPU cores; ci: minutes) or a JSON grid file")
+                           help="a named grid (default: ~1 h on 2 CPU cores; ci: minutes; full: for GPUs; "
+                                "noisy_student: soft labels and mixed batches) or a JSON grid file")
         if action in ("run", "aggregate"):
             e.add_argument("--notes", default=None,
                            help="JSON file {finding id: why it does not agree}, shown in REPRODUCTION.md")

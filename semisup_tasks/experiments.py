@@ -92,7 +92,17 @@ FULL_GRID: dict[str, Any] = {
                 "weak_pretrain_epochs": [0, 10]},
 }
 
-GRIDS = {"default": DEFAULT_GRID, "ci": CI_GRID, "full": FULL_GRID}
+#: Noisy Student's training options on its own selection: soft pseudo-labels, and labeled images in every
+#: pre-training batch (a quarter: its unlabeled:labeled ratio 3; a half: ratio 1)
+NOISY_STUDENT_GRID: dict[str, Any] = {
+    **DEFAULT_GRID,
+    "base": {**DEFAULT_GRID["base"], "selection_policy": "noisy_student"},
+    "studies": {"soft_labels": [False, True], "pretrain_labeled_fraction": [0.0, 0.25, 0.5]},
+    "oracle": False,
+    "transfer": None,
+}
+
+GRIDS = {"default": DEFAULT_GRID, "ci": CI_GRID, "full": FULL_GRID, "noisy_student": NOISY_STUDENT_GRID}
 
 #: params each shared model depends on (with the seed): cells equal in these share the model
 TEACHER_INPUTS = ("dataset", "dataset_version", "teacher_arch", "teacher_epochs", "lr", "optimizer", "weight_decay",

@@ -59,6 +59,11 @@ FINDINGS = (
             "number of images per class at random among the teacher's top-1.", "selection_policy"),
     Finding("noisy-student-selection", "Noisy Student (Xie et al. 2020)", "Confidence threshold then balancing "
             "(Noisy Student's selection) does about as well as top-K.", "selection_policy"),
+    Finding("ns-soft-labels", "Noisy Student (Xie et al. 2020)", "Soft pseudo-labels (the teacher's softmax over "
+            "every class) beat hard ones: Noisy Student pre-trains on them, this paper on hard labels.", "soft_labels"),
+    Finding("ns-mixed-batches", "Noisy Student vs this paper", "Labeled images mixed into every pre-training batch "
+            "(Noisy Student) help; this paper keeps them apart and fine-tunes on them afterwards instead.",
+            "pretrain_labeled_fraction"),
     Finding("transfer", "paper, transfer to CUB-2011", "The semi-supervised student transfers to another task "
             "better than the supervised baseline and than training from scratch.", None),
 )
@@ -162,10 +167,15 @@ def measure(finding: Finding, results: dict, grid: dict) -> tuple[str, str]:
         largest = max(values, key=_capacity)
         return _compare(values.get(largest), values.get(student_arch), "student.top1", f"{largest} teacher",
                         f"{student_arch} teacher (self-training)")
-    if finding.id in ("rec3-pool-size", "rec4-pretrain-length", "rec6-weak-teacher"):
+    if finding.id in ("rec3-pool-size", "rec4-pretrain-length", "rec6-weak-teacher", "ns-soft-labels",
+                      "ns-mixed-batches"):
         ordered = sorted(values)
-        return _compare(values[ordered[-1]], values[ordered[0]], finding.metric, f"{finding.study}={ordered[-1]}",
-                        f"{finding.study}={ordered[0]}")
+        high, low = values[ordered[-1]], values[ordered[0]]
+        text, v = _compare(high, low, finding.metric, f"{finding.study}={ordered[-1]}", f"{finding.study}={ordered[0]}")
+        if finding.id.startswith("ns-"):  # Noisy Student never fine-tunes: the student before it counts too
+            before = paired_difference(_seeds(high, "student_pretrained.top1"), _seeds(low, "student_pretrained.top1"))
+            text += f"; before fine-tuning {_diff_text(before)}"
+        return text, v
     if finding.id == "p-several":
         ordered = sorted(values)
         return _compare(values[ordered[-1]], values.get(1), finding.metric, f"P={ordered[-1]}", "P=1")

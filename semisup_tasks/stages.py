@@ -641,8 +641,9 @@ def materialize(ctx: RunContext) -> dict:
 
 
 def pretrain_student(ctx: RunContext) -> dict:
-    """The student on the selected set, streamed from the training parts (never all in memory)."""
-    from .train import train_stream
+    """The student on the selected set, streamed from the training parts (never all in memory); with
+    Noisy Student's options, on the teacher's soft labels and with labeled images in every batch."""
+    from .train import ArraySource, MixedSource, TeacherTargets, train_stream
     from .trainshards import ShardStream
 
     ds = ctx.dataset()
@@ -651,7 +652,13 @@ def pretrain_student(ctx: RunContext) -> dict:
     recipe = _recipe(ctx.params, "pretrain-student")
     arch = ctx.params.student_arch
     model = _new_model(arch, ds, recipe)
-    summary = train_stream(model, ShardStream(ctx.store, ctx.key("trainset")), recipe, name="student_pretrained",
+    source = ShardStream(ctx.store, ctx.key("trainset"))
+    if ctx.params.soft_labels:
+        source = TeacherTargets(source, _load_model(ctx, "teacher"))
+    if ctx.params.pretrain_labeled_fraction:
+        x, y, _ = datasets.load_split(ctx.store, ds, "train")
+        source = MixedSource(source, ArraySource(x, y), ctx.params.pretrain_labeled_fraction, recipe.batch_size)
+    summary = train_stream(model, source, recipe, name="student_pretrained",
                            checkpoints=_checkpoints(ctx, "student_pretrained", "student_pretrained"))
     return _save_model(ctx, "student_pretrained", model, arch, ds, summary)
 

@@ -94,8 +94,9 @@ def epoch_order(labels: torch.Tensor, balanced: bool, gen: torch.Generator) -> t
 
 
 class BatchSource(Protocol):
-    """Where the loop's batches come from: ``len()`` rows, and per epoch (uint8 NxCxHxW, int64 labels)
-    batches of ``batch_size`` (an epoch's last may be smaller), all random draws from ``gen``."""
+    """Where the loop's batches come from: ``len()`` rows, and per epoch (uint8 NxCxHxW, int64 labels or
+    float NxC target distributions) batches of ``batch_size`` (an epoch's last may be smaller), all random
+    draws from ``gen``."""
 
     def __len__(self) -> int: ...
 
@@ -120,6 +121,52 @@ class ArraySource:
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             yield self.x[idx], self.y[idx]
+
+
+class TeacherTargets:
+    """Noisy Student's soft pseudo-labels: every batch of ``source`` with its labels replaced by the teacher's
+    softmax (temperature 1) over all classes, computed on the un-noised images (the loop augments after).
+    The targets are float NxC probabilities, which the loop's cross-entropy takes as they are."""
+
+    def __init__(self, source: BatchSource, teacher: nn.Module):
+        self.source, self.teacher = source, teacher
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, _ in self.source.batches(batch_size, gen):
+            yield x, predict(self.teacher, x).softmax(dim=1)  # predict: eval mode, no gradients
+
+
+class MixedSource:
+    """Noisy Student's batches: each of ``batch_size`` rows ends with ``round(batch_size * fraction)`` labeled
+    rows (true labels; one-hot when the pseudo-labels are soft), the rest from ``pseudo``. An epoch is one
+    pass over ``pseudo``; the labeled rows are taken in turn from seeded permutations of the labeled set."""
+
+    def __init__(self, pseudo: BatchSource, labeled: ArraySource, fraction: float, batch_size: int):
+        self.pseudo, self.labeled, self.batch_size = pseudo, labeled, batch_size
+        self.mixed = min(batch_size - 1, max(1, round(batch_size * fraction)))
+        if not 0 < fraction < 1 or len(labeled) == 0:
+            raise ValueError(f"Mixing needs a fraction in (0, 1) and labeled images, got {fraction} and "
+                             f"{len(labeled)} images.")
+
+    def __len__(self) -> int:  # the rows of one epoch, so the loop counts its steps right
+        steps = math.ceil(len(self.pseudo) / (self.batch_size - self.mixed))
+        return len(self.pseudo) + steps * self.mixed
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if batch_size != self.batch_size:
+            raise ValueError(f"This source mixes batches of {self.batch_size}, not {batch_size}.")
+        order = torch.empty(0, dtype=torch.int64)
+        for x, y in self.pseudo.batches(batch_size - self.mixed, gen):
+            if len(order) < self.mixed:
+                order = torch.cat([order, torch.randperm(len(self.labeled), generator=gen)])
+            idx, order = order[:self.mixed], order[self.mixed:]
+            lx, ly = self.labeled.x[idx], self.labeled.y[idx]
+            if y.is_floating_point():  # soft pseudo-labels: the true labels as certain distributions
+                ly = F.one_hot(ly, y.shape[1]).to(y.dtype)
+            yield torch.cat([x, lx]), torch.cat([y, ly])
 
 
 def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: Recipe, name: str = "model",

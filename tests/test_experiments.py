@@ -45,6 +45,7 @@ def test_a_bad_grid_is_refused_in_one_sentence(grid, message):
 def test_named_and_file_grids_load_and_a_missing_one_is_named(tmp_path):
     assert experiments.load_grid("ci")["studies"] == experiments.CI_GRID["studies"]
     assert experiments.load_grid("full")["base"]["teacher_arch"] == "resnet50"  # every named grid is valid
+    assert experiments.load_grid("noisy_student")["studies"]["soft_labels"] == [False, True]
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"base": {"k": 7}, "studies": {"p": [1, 2]}}))
     assert experiments.load_grid(str(path))["base"] == {"k": 7}

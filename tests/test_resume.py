@@ -21,7 +21,7 @@ from test_trainshards import bar_image, make_source, selection
 from semisup_tasks.checkpoints import StoreCheckpoints
 from semisup_tasks.models import build_model, weights_digest
 from semisup_tasks.store import Store
-from semisup_tasks.train import Recipe, train, train_stream
+from semisup_tasks.train import ArraySource, MixedSource, Recipe, TeacherTargets, train, train_stream
 from semisup_tasks.trainshards import ShardStream, write_training_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,14 +65,30 @@ def _stream_training(store: Store, checkpoints=None):
     return model, train_stream(model, ShardStream(store, "ts"), recipe, checkpoints=checkpoints)
 
 
-TRAININGS = {"array": _array_training, "stream": _stream_training}
+def _noisy_training(store: Store, checkpoints=None):
+    """Noisy Student's pre-training: the shard stream with a teacher's soft targets, labeled rows mixed in."""
+    _stream_training(store)  # writes the training parts once
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 10)
+    labeled = ArraySource(np.stack([bar_image(rng, c)[None] for c in y]), y)
+    torch.manual_seed(1)
+    teacher = build_model("cnn_small", 1, 3, (12, 12))
+    torch.manual_seed(0)
+    model = build_model("cnn_small", 1, 3, (12, 12))
+    recipe = Recipe(epochs=3, lr=0.05, batch_size=12, augment="affine", seed=7)
+    source = MixedSource(TeacherTargets(ShardStream(store, "ts"), teacher), labeled, 0.25, recipe.batch_size)
+    return model, train_stream(model, source, recipe, checkpoints=checkpoints)
+
+
+TRAININGS = {"array": _array_training, "stream": _stream_training, "noisy": _noisy_training}
 
 
 @pytest.mark.parametrize("source", sorted(TRAININGS))
 @pytest.mark.parametrize("crash_after", [1, 2, 3, 5])
 def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, source, crash_after):
     """Checkpoints every 2 steps: in memory (3 batches an epoch) saves 1, 3 and 5 fall mid-epoch and 2 at an
-    epoch's end; from shards (5 batches) saves 1, 2 and 5 mid-epoch and 3 at an epoch's end."""
+    epoch's end; from shards (5 batches) saves 1, 2 and 5 mid-epoch and 3 at an epoch's end; Noisy Student's
+    mixed batches (9 selected rows and 3 labeled: 7 batches) resume with the labeled rows' draws too."""
     store = Store.from_uri(f"file://{tmp_path}/store")
     run = TRAININGS[source]
     plain_model, plain = run(store)
