@@ -596,11 +596,13 @@ def write_drop(
     skipped: int = 0,
     skipped_reasons: Mapping[str, int] | None = None,
     derived_from: str | None = None,
+    date: str | None = None,
 ) -> dict:
     """Write one drop from (relative path, encoded bytes) rows: shards, then the manifest last.
 
     ``derived_from``: the drop is a copy of part of that drop (an experiment's smaller pool). It is
-    marked so, and :func:`list_drops` leaves it out: a run over every drop never pools a copy."""
+    marked so, and :func:`list_drops` leaves it out: a run over every drop never pools a copy.
+    ``date`` (YYYY-MM-DD): the day the drop landed, recorded in the manifest."""
     _check_name("drop id", drop_id)
     reasons = _reasons_json(skipped, skipped_reasons)  # checked before anything is written
     shards = _write_drop_shards(store, drop_id, rows, shard_size)
@@ -608,7 +610,7 @@ def write_drop(
         raise ConfigError(f"Drop {drop_id!r} from {source} has no images.")
     if derived_from is not None:  # before the manifest: a committed derived drop is always marked
         store.write_json(join(drop_prefix(drop_id), DERIVED), {"derived_from": derived_from})
-    return _commit_drop(store, drop_id, shards, skipped, reasons, source)
+    return _commit_drop(store, drop_id, shards, skipped, reasons, source, date)
 
 
 def import_drop(store: Store, drop_id: str, source: str, shard_size: int = DEFAULT_SHARD_SIZE,

@@ -271,8 +271,9 @@ def _write_fraction_drop(store: Store, drop_id: str, derived: str, fraction: flo
                     yield image_id[len(drop_id) + 1:], image
 
     shard_size = max(s["count"] for s in manifest["shards"])
+    # the source's landing day too: drops_since and drops_last then treat the pool like its drop
     datasets.write_drop(store, derived, rows(), source=f"{fraction:.6g} of drop {drop_id}", shard_size=shard_size,
-                        derived_from=drop_id)
+                        derived_from=drop_id, date=manifest.get("date"))
     log.info("pool fraction %g of %s: drop %s with %d images", fraction, drop_id, derived, len(ids))
     return True
 

@@ -8,12 +8,14 @@ import json
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from semisup_tasks import datasets, experiments, reproduction
 from semisup_tasks.cli import main
 from semisup_tasks.config import ConfigError
 from semisup_tasks.demo import DROPS, build_demo
+from semisup_tasks.images import encode_png
 from semisup_tasks.store import Store
 
 
@@ -154,6 +156,14 @@ def test_a_reused_pool_drop_follows_its_source_labels_and_a_lookalike_is_refused
     assert tags is not None and tags.num_rows == datasets.load_drop_manifest(store, derived)["count"]
     assert all(by_id[f"{DROPS[0]}/{i.split('/', 1)[1]}"] == label
                for i, label in zip(tags.column("image_id").to_pylist(), tags.column("label").to_pylist(), strict=True))
+    # a pool keeps its drop's landing day, so drops_since selects the two alike
+    from semisup_tasks.ingest import drop_date
+
+    dated = datasets.write_drop(store, "dated", [(f"{i}.png", encode_png(np.full((4, 4), i, np.uint8)))
+                                                 for i in range(40)], source="test", date="2026-03-02")
+    assert dated["date"] == "2026-03-02"
+    pool = experiments._fraction_drops(store, ["dated"], 0.5)[0]
+    assert drop_date(pool, datasets.load_drop_manifest(store, pool)) == "2026-03-02"
     # a real drop that only looks like a pool of another is never taken for one
     datasets.write_drop(store, f"{DROPS[1]}-pool-0.5", [("a.png", b"x")], source="test")
     with pytest.raises(ConfigError, match="exists but is not the 0.5 pool of drop"):
