@@ -102,10 +102,12 @@ class PipelineParams:
                               type="integer", minimum=1)
     soft_labels: bool = _p(False, "Noisy Student: pre-train the student on the teacher's softmax over every class "
                                   "(temperature 1, computed on the un-augmented image) instead of the selected "
-                                  "class; false: the paper's hard labels.", "Training", type="boolean")
-    pretrain_labeled_fraction: float = _p(0.0, "Noisy Student: this fraction of every pre-training batch is labeled "
-                                               "images with their true labels, the rest selected ones; 0: the "
-                                               "paper's pre-training on the selected set alone.", "Training",
+                                  "class (an image selected for several classes gets the same distribution each "
+                                  "time); false: the paper's hard labels.", "Training", type="boolean")
+    pretrain_labeled_fraction: float = _p(0.0, "Noisy Student: this fraction of every pre-training batch (at least "
+                                               "one image) is labeled images with their true labels, the rest "
+                                               "selected ones, so an epoch over the selected set takes more steps; "
+                                               "0: the paper's pre-training on the selected set alone.", "Training",
                                           type="number", minimum=0, maximum=0.9)
     finetune_epochs: int = _p(40, "Fine-tuning epochs on the labeled set (the baseline uses the same).",
                               "Training", type="integer", minimum=1)

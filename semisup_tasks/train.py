@@ -126,7 +126,10 @@ class ArraySource:
 class TeacherTargets:
     """Noisy Student's soft pseudo-labels: every batch of ``source`` with its labels replaced by the teacher's
     softmax (temperature 1) over all classes, computed on the un-noised images (the loop augments after).
-    The targets are float NxC probabilities, which the loop's cross-entropy takes as they are."""
+    The targets are float NxC probabilities, which the loop's cross-entropy takes as they are.
+
+    The teacher runs on every batch it yields (each epoch, batches replayed on a resume, and under torchrun
+    on the whole global batch in each process): one teacher forward per step, against storing N x C targets."""
 
     def __init__(self, source: BatchSource, teacher: nn.Module):
         self.source, self.teacher = source, teacher
@@ -141,8 +144,9 @@ class TeacherTargets:
 
 class MixedSource:
     """Noisy Student's batches: each of ``batch_size`` rows ends with ``round(batch_size * fraction)`` labeled
-    rows (true labels; one-hot when the pseudo-labels are soft), the rest from ``pseudo``. An epoch is one
-    pass over ``pseudo``; the labeled rows are taken in turn from seeded permutations of the labeled set."""
+    rows (at least one, at most ``batch_size - 1``; true labels, one-hot when the pseudo-labels are soft),
+    the rest from ``pseudo``. An epoch is one pass over ``pseudo``, so mixing adds steps to it; the labeled
+    rows are taken in turn from seeded permutations of the labeled set."""
 
     def __init__(self, pseudo: BatchSource, labeled: ArraySource, fraction: float, batch_size: int):
         self.pseudo, self.labeled, self.batch_size = pseudo, labeled, batch_size
@@ -160,7 +164,7 @@ class MixedSource:
             raise ValueError(f"This source mixes batches of {self.batch_size}, not {batch_size}.")
         order = torch.empty(0, dtype=torch.int64)
         for x, y in self.pseudo.batches(batch_size - self.mixed, gen):
-            if len(order) < self.mixed:
+            while len(order) < self.mixed:  # a labeled set smaller than a batch's share is passed over again
                 order = torch.cat([order, torch.randperm(len(self.labeled), generator=gen)])
             idx, order = order[:self.mixed], order[self.mixed:]
             lx, ly = self.labeled.x[idx], self.labeled.y[idx]

@@ -249,12 +249,14 @@ class AirflowServer:
 
         SQLite lets one writer at a time: while the scheduler writes, a request's statement or commit can
         fail with "database is locked" (a 500, or a 503 from the backfill route). Its transaction was
-        rolled back, so the request is sent again, up to ``lock_retries`` times; any other answer returns."""
-        for _ in range(lock_retries):
+        rolled back (a backfill's may have committed its first row: the retry then gets a 409, which its caller waits
+        out), so the request is sent again, up to ``lock_retries`` more times; any other answer returns."""
+        for attempt in range(1 + max(0, lock_retries)):
+            if attempt:
+                time.sleep(1)
             status, answer = self._send(method, path, body, auth=auth, timeout=timeout)
             if not (status in (500, 503) and "database is locked" in str(answer).lower()):
                 break
-            time.sleep(1)
         return status, answer
 
     def _send(self, method: str, path: str, body: Any, *, auth: bool | str, timeout: float) -> tuple[int, Any]:

@@ -54,11 +54,15 @@ def _array_training(store: Store, checkpoints=None):
     return model, train(model, x, y, recipe, checkpoints=checkpoints)
 
 
-def _stream_training(store: Store, checkpoints=None):
+def _write_parts(store: Store) -> None:
     if not store.exists("ts/manifest.json"):
         _, where = make_source(store, n=60)
         # parts of 16 and batches of 12: batches straddle parts, the next part is drawn mid-epoch
         write_training_shards(store, "ts", selection(where), 1, (12, 12), seed=0, part_rows=16)
+
+
+def _stream_training(store: Store, checkpoints=None):
+    _write_parts(store)
     torch.manual_seed(0)
     model = build_model("cnn_small", 1, 3, (12, 12))
     recipe = Recipe(epochs=3, lr=0.05, batch_size=12, augment="affine", seed=7)
@@ -67,7 +71,7 @@ def _stream_training(store: Store, checkpoints=None):
 
 def _noisy_training(store: Store, checkpoints=None):
     """Noisy Student's pre-training: the shard stream with a teacher's soft targets, labeled rows mixed in."""
-    _stream_training(store)  # writes the training parts once
+    _write_parts(store)
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 10)
     labeled = ArraySource(np.stack([bar_image(rng, c)[None] for c in y]), y)
